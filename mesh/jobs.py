@@ -1,0 +1,61 @@
+"""The one internal job model. Every HTTP dialect is translated into a Job at the edge; the scheduler,
+the mesh and the backends see nothing else."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from typing import Any
+
+
+def new_job_id() -> str:
+    return "j-" + uuid.uuid4().hex
+
+
+@dataclasses.dataclass
+class Job:
+    op: str  # one of mesh.protocol.TEXT_OPERATIONS / IMAGE_OPERATIONS
+    model: str
+    params: dict[str, Any]
+    stream: bool = False
+    id: str = dataclasses.field(default_factory=new_job_id)
+    attempt: int = 1
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "attempt": self.attempt, "op": self.op, "model": self.model,
+                "stream": self.stream, "params": self.params}
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> "Job":
+        return cls(op=str(body["op"]), model=str(body["model"]), params=dict(body.get("params") or {}),
+                   stream=bool(body.get("stream")), id=str(body["id"]), attempt=int(body.get("attempt", 1)))
+
+
+# Text generation parameters as every backend receives them (dialects fill these, defaults applied):
+#   prompt: str                       ("completion") / messages: list[{"role","content"}] ("chat")
+#   max_tokens: int                   -1 = until end of text or context, 0 = evaluate the prompt only
+#   temperature, top_p, top_k, min_p, typical_p, frequency_penalty, presence_penalty, repeat_penalty,
+#   repeat_last_n, mirostat, mirostat_tau, mirostat_eta: numbers
+#   stop: list[str]; seed: int | None (None = random); ignore_eos: bool
+#   grammar: str | None (GBNF); json_schema: dict | None
+#   resume_text: str                  text already streamed by an earlier attempt (failover)
+TEXT_DEFAULTS: dict[str, Any] = {
+    "max_tokens": 150,
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "top_k": 40,
+    "min_p": 0.05,
+    "typical_p": 1.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "repeat_penalty": 1.0,
+    "repeat_last_n": 64,
+    "mirostat": 0,
+    "mirostat_tau": 5.0,
+    "mirostat_eta": 0.1,
+    "stop": [],
+    "seed": None,
+    "ignore_eos": False,
+    "grammar": None,
+    "json_schema": None,
+}
