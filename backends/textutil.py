@@ -1,0 +1,67 @@
+"""Helpers for text backends: stop sequences that span token boundaries, and chat-template names."""
+
+from __future__ import annotations
+
+
+class StopMatcher:
+    """Feed generated pieces; get back the text that is safe to show and, once found, the stop word.
+
+    Text that could be the start of a stop sequence is held back until it is known not to be one, so
+    a stop word is never streamed and is excluded from the result (llama.cpp and OpenAI behaviour).
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped: str | None = None
+
+    def feed(self, piece: str) -> str:
+        if self.stopped is not None:
+            return ""
+        self.pending += piece
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out
+        first = None
+        for stop in self.stops:
+            idx = self.pending.find(stop)
+            if idx != -1 and (first is None or idx < first[0]):
+                first = (idx, stop)
+        if first is not None:
+            self.stopped = first[1]
+            out, self.pending = self.pending[: first[0]], ""
+            return out
+        hold = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(stop[:n]):
+                    hold = max(hold, n)
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped is not None else self.pending), ""
+        return out
+
+
+# LLM for Unity's template names (v2 /template), recognised from a model's Jinja chat template.
+_TEMPLATE_MARKERS = [
+    ("<|im_start|>", "chatml"),
+    ("<start_of_turn>", "gemma"),
+    ("<|start_header_id|>", "llama3 chat"),
+    ("<|user|>", "phi-3"),
+    ("<｜User｜>", "deepseek-v3"),
+    ("[INST]", "mistral instruct"),
+    ("### Instruction", "alpaca"),
+    ("USER:", "vicuna"),
+]
+
+
+def template_name(chat_template: str | None) -> str:
+    """The LLM for Unity template name closest to a Jinja chat template (chatml when unknown)."""
+    for marker, name in _TEMPLATE_MARKERS:
+        if chat_template and marker in chat_template:
+            return name
+    return "chatml"

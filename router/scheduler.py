@@ -1,0 +1,396 @@
+"""The router's view of the mesh and its job scheduler. Socket-free: frames come in through
+``process_worker`` and go out through the ``send`` callable, so the runner (router/broker.py) owns the
+ZeroMQ socket and tests can drive this directly."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import Any, Callable
+
+from velesio.mesh import codec, protocol
+from velesio.mesh.jobs import Job
+from velesio.mesh.protocol import Command
+
+from .errors import ApiError
+
+log = logging.getLogger("velesio.router")
+
+TEXT_STREAM_OPS = ("completion", "chat")
+MAX_ATTEMPTS = 4
+
+
+class WorkerState:
+    def __init__(self, identity: bytes, greeting: dict[str, Any]):
+        self.identity = identity
+        self.name = str(greeting.get("worker") or identity.decode(errors="replace"))
+        self.version = str(greeting.get("version"))
+        self.update(greeting.get("capabilities") or {})
+        self.running: dict[tuple[str, int], str] = {}  # (job id, attempt) -> model
+        self.last_seen = time.monotonic()
+        self.registered_at = time.time()
+        self.jobs_done = 0
+        self.last_dispatch = 0.0
+        self.draining = False
+
+    def update(self, caps: dict[str, Any]) -> None:
+        self.caps = caps
+        self.models: dict[str, dict[str, Any]] = {}
+        for m in caps.get("models") or []:
+            if isinstance(m, dict) and isinstance(m.get("name"), str):
+                m.setdefault("slots", 1)
+                m.setdefault("operations", [])
+                m.setdefault("meta", {})
+                self.models[m["name"]] = m
+
+    def free(self, model: str) -> int:
+        busy = sum(1 for m in self.running.values() if m == model)
+        return max(0, int(self.models[model]["slots"]) - busy)
+
+    @property
+    def kinds(self) -> set[str]:
+        return {m.get("kind", "text") for m in self.models.values()}
+
+    def summary(self) -> dict[str, Any]:
+        current = [job for job, _ in self.running]
+        kinds = sorted(self.kinds)
+        return {
+            "id": self.name,
+            "type": "llm" if kinds == ["text"] else "sd" if kinds == ["image"] else "+".join(
+                {"text": "llm", "image": "sd"}.get(k, k) for k in kinds),
+            "status": "draining" if self.draining else "busy" if self.running else "idle",
+            "current_job": current[0] if current else None,
+            "jobs_in_flight": len(self.running),
+            "jobs_done": self.jobs_done,
+            "host": self.caps.get("host"),
+            "device": self.caps.get("device"),
+            "memory_total_mb": self.caps.get("memory_total_mb"),
+            "memory_free_mb": self.caps.get("memory_free_mb"),
+            "models": [{"name": n, "slots": m["slots"], "free": self.free(n), "kind": m.get("kind")}
+                       for n, m in sorted(self.models.items())],
+            "failures": self.caps.get("failures") or [],
+            "heartbeat_age_s": round(time.monotonic() - self.last_seen, 3),
+        }
+
+
+class JobRecord:
+    """A job accepted by the router, from submission to its one result or error."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.worker: WorkerState | None = None
+        self.text_so_far = ""
+        self.tokens_so_far = 0
+        self.progress: dict[str, Any] = {}
+        self.done = False
+        self.created = time.time()
+        self.last_activity = time.monotonic()
+        self.failovers = 0
+
+    @property
+    def visible(self) -> bool:
+        return bool(self.text_so_far)
+
+
+class Scheduler:
+    def __init__(self, send: Callable[[bytes, bytes], None], *, queue_max: int = 64,
+                 heartbeat_ms: int = protocol.HEARTBEAT_MS, liveness: int = protocol.LIVENESS,
+                 job_stall_s: float = 60.0, worker_wait_s: float = 5.0,
+                 default_models: dict[str, str | None] | None = None, router_name: str = "router"):
+        self.send = send
+        self.queue_max = queue_max
+        self.heartbeat_ms = heartbeat_ms
+        self.liveness = liveness
+        self.job_stall_s = job_stall_s
+        self.worker_wait_s = worker_wait_s
+        self.default_models = default_models or {}
+        self.router_name = router_name
+        self.workers: dict[bytes, WorkerState] = {}
+        self.jobs: dict[str, JobRecord] = {}
+        self.queues: dict[str, collections.deque[JobRecord]] = collections.defaultdict(collections.deque)
+        self.known_models: set[str] = set()
+        self.completed: collections.deque[float] = collections.deque()
+        self.mesh_changed = asyncio.Event()
+        self.accepting = True
+
+    # ---- views -------------------------------------------------------------------------------
+    def live_models(self) -> dict[str, dict[str, Any]]:
+        """Every model some live worker offers: merged info plus the workers offering it."""
+        out: dict[str, dict[str, Any]] = {}
+        for w in self.workers.values():
+            for name, m in w.models.items():
+                entry = out.setdefault(name, {**m, "workers": [], "slots_total": 0, "slots_free": 0})
+                entry["workers"].append(w.name)
+                entry["slots_total"] += int(m["slots"])
+                entry["slots_free"] += w.free(name)
+        return out
+
+    def model_info(self, name: str) -> dict[str, Any] | None:
+        for w in self.workers.values():
+            if name in w.models:
+                return w.models[name]
+        return None
+
+    def queue_depth(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    def completed_24h(self) -> int:
+        cutoff = time.time() - 86400
+        while self.completed and self.completed[0] < cutoff:
+            self.completed.popleft()
+        return len(self.completed)
+
+    # ---- submission --------------------------------------------------------------------------
+    async def resolve_model(self, op: str, model: str | None) -> str:
+        """The model a job runs on; waits briefly for workers when none offers it yet."""
+        deadline = time.monotonic() + self.worker_wait_s
+        while True:
+            name = model or self._default_model(op)
+            if name and self._offered(name, op):
+                return name
+            if name and name in self.live_models():
+                raise ApiError("not_supported", f"model '{name}' does not support '{op}'")
+            # A model never seen while workers are up is unknown: fail fast. Otherwise wait a little for
+            # workers (a router restart, a worker still loading) before answering 503.
+            if self.workers and name and name not in self.known_models:
+                raise ApiError("model_not_found", f"model '{name}' is not offered by any worker",
+                               {"available": sorted(self.live_models())}, param="model")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                what = f"model '{name}'" if name else f"a model that serves '{op}'"
+                raise ApiError("no_worker", f"no live worker offers {what}", headers={"Retry-After": "5"})
+            self.mesh_changed.clear()
+            try:
+                await asyncio.wait_for(self.mesh_changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    def _offered(self, name: str, op: str) -> bool:
+        return any(name in w.models and op in w.models[name]["operations"] for w in self.workers.values())
+
+    def _default_model(self, op: str) -> str | None:
+        kind = "image" if op in protocol.IMAGE_OPERATIONS else "text"
+        configured = self.default_models.get(kind)
+        if configured:
+            return configured
+        offered = sorted({n for w in self.workers.values() for n, m in w.models.items()
+                          if op in m["operations"]})
+        return offered[0] if offered else None
+
+    def submit(self, job: Job) -> JobRecord:
+        """Accept a job whose model is resolved; dispatch it now or queue it (bounded)."""
+        if not self.accepting:
+            raise ApiError("shutting_down", "the router is shutting down", headers={"Retry-After": "5"})
+        queue = self.queues[job.model]
+        if len(queue) >= self.queue_max and not self._candidates(job):
+            raise ApiError("queue_full", f"the queue for model '{job.model}' is full ({self.queue_max} jobs)",
+                           {"queue_depth": len(queue)}, headers={"Retry-After": "2"})
+        rec = JobRecord(job)
+        self.jobs[job.id] = rec
+        queue.append(rec)
+        self._drain(job.model)
+        return rec
+
+    def cancel(self, rec: JobRecord, keep: bool = False) -> None:
+        """The client went away (or asked to interrupt): stop the job wherever it is."""
+        if rec.done:
+            return
+        queue = self.queues.get(rec.job.model)
+        if queue and rec in queue:
+            queue.remove(rec)
+            self._finish(rec, "error", ApiError("cancelled", "cancelled"))
+            return
+        if rec.worker is not None:
+            self.send(rec.worker.identity, codec.encode(Command.CANCEL, {
+                "job": rec.job.id, "attempt": rec.job.attempt, "keep": keep}))
+        if not keep:
+            self._finish(rec, "error", ApiError("cancelled", "cancelled"))
+
+    # ---- dispatch ----------------------------------------------------------------------------
+    def _candidates(self, job: Job) -> list[WorkerState]:
+        return [w for w in self.workers.values()
+                if not w.draining and job.model in w.models and job.op in w.models[job.model]["operations"]
+                and w.free(job.model) > 0]
+
+    def _drain(self, model: str) -> None:
+        queue = self.queues.get(model)
+        while queue:
+            rec = queue[0]
+            candidates = self._candidates(rec.job)
+            if not candidates:
+                return
+            queue.popleft()
+            # Least loaded first (most free slots relative to size), then least recently used.
+            worker = min(candidates, key=lambda w: (-w.free(model) / max(1, w.models[model]["slots"]),
+                                                    len(w.running), w.last_dispatch))
+            self._dispatch(rec, worker)
+
+    def _dispatch(self, rec: JobRecord, worker: WorkerState) -> None:
+        rec.worker = worker
+        rec.last_activity = time.monotonic()
+        worker.running[(rec.job.id, rec.job.attempt)] = rec.job.model
+        worker.last_dispatch = time.monotonic()
+        self.send(worker.identity, codec.encode(Command.REQUEST, rec.job.to_wire()))
+
+    def _finish(self, rec: JobRecord, kind: str, payload: Any) -> None:
+        if rec.done:
+            return
+        rec.done = True
+        self.jobs.pop(rec.job.id, None)
+        if kind == "final":
+            self.completed.append(time.time())
+        rec.events.put_nowait((kind, payload))
+
+    def _fail_over(self, rec: JobRecord, reason: str) -> None:
+        """Run the job again on another worker (docs/protocol.md, "Failover")."""
+        if rec.done:
+            return
+        job = rec.job
+        rec.worker = None
+        rec.failovers += 1
+        if job.attempt >= MAX_ATTEMPTS:
+            self._finish(rec, "error", ApiError("no_worker", f"job failed {job.attempt} times ({reason})"))
+            return
+        job.attempt += 1
+        if job.op in TEXT_STREAM_OPS and rec.visible:
+            job.params["resume_text"] = rec.text_so_far
+            budget = job.params.get("max_tokens", -1)
+            if isinstance(budget, int) and budget > 0:
+                job.params["max_tokens"] = budget - rec.tokens_so_far
+                if job.params["max_tokens"] <= 0:
+                    self._finish(rec, "final", {"text": "", "finish_reason": "length", "stop_type": "limit",
+                                                "completion_tokens": 0, "resumed": True})
+                    return
+        rec.progress = {}
+        log.warning("job %s: %s; re-dispatching as attempt %d", job.id, reason, job.attempt)
+        if not self._offered(job.model, job.op):
+            self._finish(rec, "error", ApiError("no_worker", f"no live worker offers model '{job.model}' "
+                                                             f"after {reason}", headers={"Retry-After": "5"}))
+            return
+        self.queues[job.model].appendleft(rec)
+        self._drain(job.model)
+
+    # ---- frames from workers -----------------------------------------------------------------
+    def process_worker(self, identity: bytes, frame: bytes) -> None:
+        try:
+            command, body = codec.decode(frame)
+        except codec.DecodeError as exc:
+            log.warning("dropping a bad frame from %r: %s", identity[:32], exc)
+            return
+        worker = self.workers.get(identity)
+        if worker is not None:
+            worker.last_seen = time.monotonic()
+        if command == Command.READY:
+            self._process_ready(identity, body)
+            return
+        if worker is None:
+            if command != Command.DISCONNECT:
+                self.send(identity, codec.encode(Command.DISCONNECT, {"reason": protocol.REASON_UNKNOWN}))
+            return
+        if command == Command.HEARTBEAT:
+            if "memory_free_mb" in body:
+                worker.caps["memory_free_mb"] = body["memory_free_mb"]
+            worker.draining = bool(body.get("draining"))
+        elif command in (Command.PARTIAL, Command.FINAL, Command.ERROR):
+            self._process_job_message(worker, command, body)
+        elif command == Command.DISCONNECT:
+            self._remove_worker(worker, "it left")
+        else:
+            log.warning("worker %s sent unexpected %s", worker.name, command.name)
+
+    def _process_ready(self, identity: bytes, body: dict[str, Any]) -> None:
+        version = body.get("version")
+        name = body.get("worker")
+        if not protocol.compatible(version):
+            log.error("refusing worker %r: it speaks mesh protocol %r, this router speaks %s",
+                      name, version, protocol.VERSION)
+            self.send(identity, codec.encode(Command.DISCONNECT, {
+                "reason": protocol.REASON_VERSION, "version": protocol.VERSION,
+                "message": f"router speaks mesh protocol {protocol.VERSION}, worker sent {version}"}))
+            return
+        worker = self.workers.get(identity)
+        if worker is None:
+            worker = WorkerState(identity, body)
+            self.workers[identity] = worker
+            log.info("worker %s joined: %s", worker.name, ", ".join(sorted(worker.models)) or "no models")
+        else:
+            worker.update(body.get("capabilities") or {})
+        # Jobs the worker still runs from before (a router restart) occupy its slots until they end.
+        for job_id, model in (body.get("running") or {}).items():
+            worker.running.setdefault((job_id, 0), model)
+        self.known_models.update(worker.models)
+        self.send(identity, codec.encode(Command.WELCOME, {
+            "version": protocol.VERSION, "router": self.router_name,
+            "heartbeat_ms": self.heartbeat_ms, "liveness": self.liveness}))
+        self.mesh_changed.set()
+        for model in worker.models:
+            self._drain(model)
+
+    def _process_job_message(self, worker: WorkerState, command: Command, body: dict[str, Any]) -> None:
+        job_id, attempt = str(body.get("job")), body.get("attempt")
+        key = (job_id, attempt)
+        if command != Command.PARTIAL:
+            model = worker.running.pop(key, None) or worker.running.pop((job_id, 0), None)
+            if model is not None:
+                worker.jobs_done += 1
+                self._drain(model)
+        rec = self.jobs.get(job_id)
+        if rec is None or rec.job.attempt != attempt or rec.worker is not worker:
+            return  # a late message from an attempt the router gave up on
+        rec.last_activity = time.monotonic()
+        if command == Command.PARTIAL:
+            chunk = body.get("chunk") or {}
+            if "text" in chunk:
+                rec.text_so_far += str(chunk["text"])
+                rec.tokens_so_far += max(1, len(chunk.get("tokens") or ()))
+            if "step" in chunk:
+                rec.progress = chunk
+            rec.events.put_nowait(("partial", chunk))
+        elif command == Command.FINAL:
+            self._finish(rec, "final", body.get("result") or {})
+        else:
+            code = str(body.get("code") or "internal_error")
+            if code == "busy":
+                self._fail_over(rec, f"worker {worker.name} was busy")
+                return
+            self._finish(rec, "error", ApiError(code, str(body.get("message") or code), body.get("details")))
+
+    def _remove_worker(self, worker: WorkerState, why: str) -> None:
+        if self.workers.pop(worker.identity, None) is None:
+            return
+        log.warning("worker %s removed: %s (%d job(s) in flight)", worker.name, why, len(worker.running))
+        self.mesh_changed.set()
+        for job_id, _attempt in list(worker.running):
+            rec = self.jobs.get(job_id)
+            if rec is not None and rec.worker is worker:
+                self._fail_over(rec, f"worker {worker.name} {why}")
+        worker.running.clear()
+
+    # ---- timers ------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Purge expired workers and stalled jobs; called several times per heartbeat interval."""
+        now = time.monotonic()
+        expiry = self.heartbeat_ms * self.liveness / 1000
+        for worker in list(self.workers.values()):
+            if now - worker.last_seen > expiry:
+                self._remove_worker(worker, f"missed heartbeats for {now - worker.last_seen:.1f}s")
+        for rec in list(self.jobs.values()):
+            if rec.worker is not None and now - rec.last_activity > self.job_stall_s:
+                stuck = rec.worker
+                self.send(stuck.identity, codec.encode(Command.CANCEL, {"job": rec.job.id,
+                                                                        "attempt": rec.job.attempt}))
+                self._fail_over(rec, f"no progress on worker {stuck.name} for {self.job_stall_s:.0f}s")
+
+    def heartbeat(self) -> None:
+        frame = codec.encode(Command.HEARTBEAT)
+        for identity in list(self.workers):
+            self.send(identity, frame)
+
+    def shutdown(self) -> None:
+        self.accepting = False
+        frame = codec.encode(Command.DISCONNECT, {"reason": protocol.REASON_SHUTDOWN})
+        for identity in list(self.workers):
+            self.send(identity, frame)

@@ -1,0 +1,162 @@
+"""Fixtures that start real ``velesio-router`` and ``velesio-worker`` processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import requests
+import yaml
+
+TOKEN = "test-token"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A child process whose output goes to a log file the test can read."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.args = args
+        self.log_path = log_path
+        self.log_file = open(log_path, "ab")
+        self.popen = subprocess.Popen(args, stdout=self.log_file, stderr=subprocess.STDOUT,
+                                      env={**os.environ, **(env or {})}, start_new_session=True)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.popen.pid, sig)
+
+    def stop(self, timeout: float = 10) -> int | None:
+        if self.alive():
+            self.signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.popen.wait(5)
+        self.log_file.close()
+        return self.popen.returncode
+
+
+class Router:
+    def __init__(self, proc: Proc, port: int, mesh: str, token: str):
+        self.proc, self.port, self.mesh, self.token = proc, port, mesh, token
+        self.url = f"http://127.0.0.1:{port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def get(self, path: str, **kw: Any) -> requests.Response:
+        return requests.get(self.url + path, headers={**self.headers, **kw.pop("headers", {})}, timeout=60, **kw)
+
+    def post(self, path: str, json: Any = None, **kw: Any) -> requests.Response:
+        return requests.post(self.url + path, json=json, headers={**self.headers, **kw.pop("headers", {})},
+                             timeout=kw.pop("timeout", 120), **kw)
+
+    def health(self) -> dict[str, Any]:
+        return requests.get(self.url + "/health", timeout=10).json()
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            try:
+                last = self.health()
+                if predicate(last):
+                    return last
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"router never reached the expected state; last /health: {last}\n{self.proc.log[-3000:]}")
+
+    def wait_workers(self, names: set[str], timeout: float = 90) -> dict[str, Any]:
+        return self.wait_for(lambda h: names <= {w["id"] for w in h["workers"]}, timeout)
+
+
+@pytest.fixture(scope="session")
+def logs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def spawn(logs_dir: Path) -> Iterator[Callable[..., Proc]]:
+    procs: list[Proc] = []
+
+    def _spawn(args: list[str], name: str, env: dict[str, str] | None = None) -> Proc:
+        proc = Proc(args, logs_dir / f"{name}-{len(procs)}.log", env)
+        procs.append(proc)
+        return proc
+
+    yield _spawn
+    for proc in procs:
+        proc.stop(5)
+
+
+def write_config(path: Path, data: dict[str, Any]) -> str:
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def start_router(spawn, tmp_path_factory) -> Callable[..., Router]:
+    def _start(router_cfg: dict[str, Any] | None = None, token: str = TOKEN, port: int | None = None,
+               mesh_port: int | None = None, extra_args: list[str] | None = None) -> Router:
+        port = port or free_port()
+        mesh = f"tcp://127.0.0.1:{mesh_port or free_port()}"
+        cfg = {"router": {"rate_limit": {"requests_per_minute": 100000, "concurrent": 1000}, **(router_cfg or {})}}
+        path = write_config(tmp_path_factory.mktemp("router") / "mesh.yaml", cfg)
+        proc = spawn([str(BIN / "velesio-router"), "--config", path, "--host", "127.0.0.1", "--port", str(port),
+                      "--mesh-bind", mesh, *(extra_args or [])], "router", env={"API_TOKENS": token})
+        router = Router(proc, port, mesh, token)
+        router.wait_for(lambda h: True, timeout=30)
+        return router
+
+    return _start
+
+
+@pytest.fixture(scope="session")
+def start_worker(spawn, tmp_path_factory) -> Callable[..., Proc]:
+    def _start(router: Router, name: str, models: list[dict[str, Any]] | None = None, wait: bool = True,
+               worker_cfg: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Proc:
+        cfg = {"worker": {"models": models, **(worker_cfg or {})}}
+        path = write_config(tmp_path_factory.mktemp("worker") / "mesh.yaml", cfg)
+        proc = spawn([str(BIN / "velesio-worker"), "--router", router.mesh, "--config", path, "--name", name],
+                     f"worker-{name}", env=env)
+        if wait:
+            router.wait_workers({name})
+        return proc
+
+    return _start
+
+
+SMOLLM2 = {"name": "smollm2-135m-instruct", "backend": "llama-cpp", "slots": 1,
+           "options": {"n_ctx": 2048, "n_threads": 1}}
+
+
+@pytest.fixture(scope="session")
+def mesh(start_router, start_worker) -> Router:
+    """One router and one text worker on the embedded SmolLM2, shared by the read-only tests."""
+    router = start_router()
+    start_worker(router, "text-1", [SMOLLM2])
+    return router

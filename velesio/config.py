@@ -1,0 +1,134 @@
+"""mesh.yaml, with environment overrides for the usual deployment knobs. See mesh.yaml for every setting."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from velesio.mesh import protocol
+
+
+class ConfigError(ValueError):
+    """mesh.yaml (or an environment override) is not valid."""
+
+
+@dataclasses.dataclass
+class TokenLimits:
+    requests_per_minute: int = 60
+    concurrent: int = 10
+
+
+@dataclasses.dataclass
+class RouterConfig:
+    host: str = "0.0.0.0"
+    port: int = 8000
+    mesh_bind: str = "tcp://0.0.0.0:5555"
+    tokens: dict[str, str] = dataclasses.field(default_factory=dict)  # token -> name (names go in logs)
+    token_limits: dict[str, TokenLimits] = dataclasses.field(default_factory=dict)  # name -> limits
+    rate_limit: TokenLimits = dataclasses.field(default_factory=TokenLimits)
+    default_text_model: str | None = None
+    default_image_model: str | None = None
+    queue_max: int = 64  # queued jobs per model
+    worker_wait_s: float = 5.0  # how long a request waits for a worker offering its model to appear
+    max_body_mb: float = 32.0
+    heartbeat_ms: int = protocol.HEARTBEAT_MS
+    liveness: int = protocol.LIVENESS
+    job_stall_s: float = 60.0
+    cors_origins: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+
+
+@dataclasses.dataclass
+class WorkerConfig:
+    routers: list[str] = dataclasses.field(default_factory=lambda: ["tcp://127.0.0.1:5555"])
+    name: str | None = None
+    heartbeat_ms: int = protocol.HEARTBEAT_MS
+    liveness: int = protocol.LIVENESS
+    drain_s: float = 30.0
+    models: list[dict[str, Any]] | None = None  # None: the embedded default models
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    router: RouterConfig
+    worker: WorkerConfig
+
+
+def _fill(cls, data: Any, where: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a mapping")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
+    return cls(**data)
+
+
+def _parse_tokens(value: Any) -> dict[str, str]:
+    """``tokens`` is a list of strings or of ``{token, name}``; API_TOKENS is comma-separated."""
+    out: dict[str, str] = {}
+    if isinstance(value, str):
+        value = [t for t in (s.strip() for s in value.split(",")) if t]
+    for i, item in enumerate(value or []):
+        if isinstance(item, str):
+            out[item] = f"token-{i + 1}"
+        elif isinstance(item, dict) and isinstance(item.get("token"), str):
+            out[item["token"]] = str(item.get("name") or f"token-{i + 1}")
+        else:
+            raise ConfigError(f"router.tokens[{i}]: a string or {{token, name}}")
+    return out
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, _, val = line.partition("=")
+                values[key.strip()] = val.strip().strip("'\"")
+    return values
+
+
+def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> MeshConfig:
+    env = dict(os.environ if env is None else env)
+    env = {**read_dotenv(Path(".env")), **env}
+    path = path or env.get("VELESIO_CONFIG")
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    router_raw = dict(raw.get("router") or {})
+    tokens = _parse_tokens(router_raw.pop("tokens", None))
+    limits_raw = router_raw.pop("token_limits", None) or {}
+    rate_raw = router_raw.pop("rate_limit", None)
+    router = _fill(RouterConfig, router_raw, "router")
+    router.tokens = tokens
+    router.rate_limit = _fill(TokenLimits, rate_raw, "router.rate_limit")
+    router.token_limits = {str(k): _fill(TokenLimits, v, f"router.token_limits.{k}") for k, v in limits_raw.items()}
+    worker = _fill(WorkerConfig, raw.get("worker"), "worker")
+    if isinstance(worker.routers, str):
+        worker.routers = [worker.routers]
+
+    if env.get("API_TOKENS"):
+        router.tokens = _parse_tokens(env["API_TOKENS"])
+    for key, attr, cast in (("VELESIO_HOST", "host", str), ("VELESIO_PORT", "port", int),
+                            ("VELESIO_MESH_BIND", "mesh_bind", str)):
+        if env.get(key):
+            setattr(router, attr, cast(env[key]))
+    if env.get("VELESIO_ROUTER"):
+        worker.routers = [r.strip() for r in env["VELESIO_ROUTER"].split(",") if r.strip()]
+    if env.get("VELESIO_WORKER_NAME"):
+        worker.name = env["VELESIO_WORKER_NAME"]
+    return MeshConfig(router=router, worker=worker)

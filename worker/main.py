@@ -1,0 +1,70 @@
+"""``velesio-worker``: load backends and models, join the mesh, serve jobs until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from velesio import config as mesh_config
+from velesio.logs import setup_logging
+from velesio.plugins.discovery import describe, discover
+
+from .models import load_models
+from .runtime import Worker
+
+log = logging.getLogger("velesio.worker")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="velesio-worker", description=__doc__)
+    p.add_argument("--router", action="append", help="router mesh address, e.g. tcp://HOST:5555 (repeatable)")
+    p.add_argument("--config", help="mesh.yaml (default: $VELESIO_CONFIG; none: serve the embedded models)")
+    p.add_argument("--name", help="worker name shown by the router (default: host name)")
+    p.add_argument("--list-backends", action="store_true", help="list discovered backends and exit")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-json", action="store_true", help="JSON lines logs")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level, json_lines=args.log_json)
+    if args.list_backends:
+        for line in describe(discover()):
+            print(line)
+        return 0
+    try:
+        cfg = mesh_config.load(args.config).worker
+    except mesh_config.ConfigError as exc:
+        print(f"velesio-worker: {exc}", file=sys.stderr)
+        return 2
+    routers = args.router or cfg.routers
+    try:
+        models, failures = load_models(cfg.models)
+    except ValueError as exc:
+        print(f"velesio-worker: {exc}", file=sys.stderr)
+        return 2
+    worker = Worker(models, failures, name=args.name or cfg.name, heartbeat_ms=cfg.heartbeat_ms,
+                    liveness=cfg.liveness, drain_s=cfg.drain_s)
+    served = ", ".join(f"{m.config.name} ({m.config.backend}, {m.config.slots} slot(s))" for m in models)
+    print(f"velesio-worker {worker.name}: serving {served or 'nothing'}"
+          f"{f'; {len(failures)} failure(s), see log' if failures else ''}; routers {', '.join(routers)}",
+          flush=True)
+    return asyncio.run(_serve(worker, routers))
+
+
+async def _serve(worker: Worker, routers: list[str]) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await worker.serve(routers, stop)
+    log.info("worker %s stopped after %d job(s)", worker.name, worker.jobs_done)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
