@@ -76,9 +76,12 @@ def _where(d: Discovered) -> str:
 
 
 def _fix_install(d: Discovered) -> str:
+    skip = f"or leave it out with {ALLOW_ENV}"
+    if d.dist == "velesio":
+        return f"reinstall velesio (pip install -U 'velesio[all]'), {skip}"
     if d.dist:
-        return f"reinstall or upgrade it (pip install -U {d.dist}), or uninstall it (pip uninstall {d.dist})"
-    return "reinstall or remove the distribution that registers it"
+        return f"reinstall or upgrade it (pip install -U {d.dist}), uninstall it (pip uninstall {d.dist}), {skip}"
+    return f"reinstall or remove the distribution that registers it, {skip}"
 
 
 def _check(d: Discovered, obj: object) -> str | None:
