@@ -1,0 +1,193 @@
+"""llama.cpp's (and LLM for Unity's) utility routes: /tokenize, /detokenize, /template, /apply-template,
+/props, /slots, /embeddings and /v1/embeddings.
+
+Every route accepts POST (LLM for Unity v3 POSTs everything, with a ``stream`` key that is ignored);
+/props and /slots also answer GET. The work runs on the mesh as ``tokenize``, ``detokenize``,
+``apply_template`` and ``embeddings`` jobs; /template, /props and /slots are answered from what workers
+advertise. Errors have llama.cpp's shape ``{"error": {"code": <int>, "message", "type"}}``
+(router/middleware.py, LLAMACPP_PATHS).
+
+/embeddings answers two shapes (docs/clients.md, "Embeddings"): ``{"embedding": [...]}`` for LLM for
+Unity v2 (its UnityWebRequest always sends ``X-Unity-Version``; it parses an object with JsonUtility), and
+``[{"index": 0, "embedding": [...]}]`` (current llama.cpp, LLM for Unity v3) for everyone else.
+/v1/embeddings answers OpenAI's list."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from velesio import __version__
+from velesio.mesh.jobs import Job
+
+from .dialects import llamacpp
+from .errors import ApiError, invalid
+from .keys import SCHEDULER
+from .relay import dumps, result_of
+from .validation import get_bool, get_messages, get_model, get_str, read_json
+
+# LLM for Unity's chat template names (Runtime/LLMChatTemplates.cs); /template must answer one of them.
+LLMUNITY_TEMPLATES = ("chatml", "alpaca", "gemma", "mistral chat", "mistral instruct", "llama3 chat", "llama chat",
+                      "llama", "phi-4-mini", "phi-4", "phi-3.5", "phi-3", "phi", "deepseek-r1", "deepseek-v3",
+                      "deepseek-v2", "vicuna", "zephyr", "qwen3", "bitnet")
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.json_response(obj, status=status, dumps=dumps)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    """The JSON body of a POST (empty allowed), or the query string of a GET."""
+    if request.method == "GET":
+        return dict(request.query)
+    return await read_json(request, allow_empty=True)
+
+
+async def _model(request: web.Request, op: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The model a request names (or the default for ``op``) and the info its workers advertise."""
+    scheduler = request.app[SCHEDULER]
+    name = await scheduler.resolve_model(op, get_model(body))
+    return name, scheduler.model_info(name) or {}
+
+
+def _token_ids(body: dict[str, Any], name: str = "tokens") -> list[int]:
+    value = body.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise invalid(name, "must be an array of token ids")
+    return value
+
+
+# ---- tokens ----------------------------------------------------------------------------------
+async def tokenize(request: web.Request) -> web.Response:
+    body = await read_json(request, allow_empty=True)
+    params = {"content": get_str(body, "content", ""), "add_special": get_bool(body, "add_special"),
+              "with_pieces": get_bool(body, "with_pieces")}
+    job = Job(op="tokenize", model=get_model(body) or "", params=params)
+    result = await result_of(request, job)
+    return _json({"tokens": result.get("tokens", [])})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    body = await read_json(request, allow_empty=True)
+    job = Job(op="detokenize", model=get_model(body) or "", params={"tokens": _token_ids(body)})
+    result = await result_of(request, job)
+    return _json({"content": result.get("content", "")})
+
+
+# ---- templates -------------------------------------------------------------------------------
+async def template(request: web.Request) -> web.Response:
+    """LLM for Unity v2: the name of the model's chat template in LLM for Unity's table."""
+    body = await _body(request)
+    _name, info = await _model(request, "chat", body)
+    name = (info.get("meta") or {}).get("template")
+    return _json({"template": name if name in LLMUNITY_TEMPLATES else "chatml"})
+
+
+async def apply_template(request: web.Request) -> web.Response:
+    body = await read_json(request, allow_empty=True)
+    job = Job(op="apply_template", model=get_model(body) or "", params={"messages": get_messages(body)})
+    result = await result_of(request, job)
+    return _json({"prompt": result.get("prompt", "")})
+
+
+# ---- server properties -----------------------------------------------------------------------
+async def props(request: web.Request) -> web.Response:
+    """GET or POST /props. POST changes nothing (llama.cpp needs --props for that); it answers like GET."""
+    body = await _body(request)
+    name, info = await _model(request, "completion", body)
+    meta = info.get("meta") or {}
+    live = request.app[SCHEDULER].live_models().get(name, {})
+    n_ctx = int(meta.get("n_ctx") or 0)
+    return _json({
+        "default_generation_settings": llamacpp.default_settings(n_ctx, name),
+        "total_slots": int(live.get("slots_total") or info.get("slots") or 1),
+        "model_path": meta.get("model_path") or name,
+        "chat_template": meta.get("chat_template") or "",
+        "modalities": {"vision": False, "audio": False},
+        "build_info": f"velesio {__version__}",
+    })
+
+
+async def slots(request: web.Request) -> web.Response:
+    """GET /slots: the slots of the default (or named) model across the mesh, busy ones first."""
+    body = await _body(request)
+    name, info = await _model(request, "completion", body)
+    live = request.app[SCHEDULER].live_models().get(name, {})
+    total, free = int(live.get("slots_total") or 0), int(live.get("slots_free") or 0)
+    if request.query.get("fail_on_no_slot") not in (None, "", "0", "false") and free == 0:
+        raise ApiError("busy", "no slot available", headers={"Retry-After": "1"})
+    n_ctx = int((info.get("meta") or {}).get("n_ctx") or 0)
+    params = llamacpp.default_settings(n_ctx, name)["params"]
+    return _json([{"id": i, "n_ctx": n_ctx, "is_processing": i < total - free, "params": params,
+                   "next_token": {"has_next_token": i < total - free, "n_remain": -1, "n_decoded": 0}}
+                  for i in range(total)])
+
+
+# ---- embeddings ------------------------------------------------------------------------------
+def wants_v2_shape(request: web.Request) -> bool:
+    """LLM for Unity v2 (UnityWebRequest) parses ``{"embedding": [...]}``; Unity always sets X-Unity-Version."""
+    return "X-Unity-Version" in request.headers or "UnityPlayer" in request.headers.get("User-Agent", "")
+
+
+def _embedding_model(request: web.Request, model: str | None) -> str | None:
+    """The model named, or None for the default; 501 when text models are up but none embeds."""
+    if model:
+        return model
+    live = request.app[SCHEDULER].live_models()
+    if live and not any("embeddings" in (m.get("operations") or ()) for m in live.values()):
+        raise ApiError("not_supported", "no model is loaded with embeddings "
+                       "(set options.embeddings: true on a llama-cpp model in mesh.yaml)")
+    return None
+
+
+async def _embed(request: web.Request, model: str | None, text: str) -> tuple[str, list[float]]:
+    job = Job(op="embeddings", model=model or "", params={"content": text})
+    result = await result_of(request, job)
+    return job.model, list(result.get("embedding") or [])
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    """POST /embeddings (llama.cpp): ``content`` a string (or ``input``, a string or a list of strings)."""
+    body = await read_json(request)
+    content = body.get("content", body.get("input"))
+    texts = [content] if isinstance(content, str) else content
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise invalid("content", "must be a string or a non-empty array of strings")
+    model = _embedding_model(request, get_model(body))
+    vectors = [(await _embed(request, model, t))[1] for t in texts]
+    if wants_v2_shape(request) and len(vectors) == 1:
+        return _json({"embedding": vectors[0]})
+    return _json([{"index": i, "embedding": v} for i, v in enumerate(vectors)])
+
+
+async def v1_embeddings(request: web.Request) -> web.Response:
+    """POST /v1/embeddings (OpenAI): ``input`` a string or a list of strings."""
+    body = await read_json(request)
+    content = body.get("input", body.get("content"))
+    texts = [content] if isinstance(content, str) else content
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise invalid("input", "must be a string or a non-empty array of strings")
+    if body.get("encoding_format") not in (None, "float"):
+        raise invalid("encoding_format", "only float is supported")
+    model = _embedding_model(request, get_model(body))
+    data, used = [], model or ""
+    for i, text in enumerate(texts):
+        used, vector = await _embed(request, model, text)
+        data.append({"object": "embedding", "index": i, "embedding": vector})
+    return _json({"object": "list", "data": data, "model": used,
+                  "usage": {"prompt_tokens": 0, "total_tokens": 0}})
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
+    app.router.add_post("/template", template)
+    app.router.add_post("/apply-template", apply_template)
+    app.router.add_route("GET", "/props", props)
+    app.router.add_route("POST", "/props", props)
+    app.router.add_route("GET", "/slots", slots)
+    app.router.add_post("/embeddings", embeddings)
+    app.router.add_post("/v1/embeddings", v1_embeddings)
