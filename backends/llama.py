@@ -79,7 +79,7 @@ class LlamaCppBackend(Backend):
                                                   stop_token_ids=[llm.token_eos()])
         self.n_ctx = llm.n_ctx()
         ops = [op for op in self.operations if op != "embeddings" or self._embedder is not None]
-        return {"n_ctx": self.n_ctx, "n_ctx_train": llm.n_ctx_train(), "n_vocab": llm.n_vocab(),
+        return {"n_ctx": self.n_ctx, "n_ctx_train": llm._model.n_ctx_train(), "n_vocab": llm.n_vocab(),
                 "template": template_name(self.chat_template), "chat_template": self.chat_template or "",
                 "size": meta.get("general.size_label", ""), "type": "chat" if self.chat_template else "completion",
                 "model_path": path, "operations": ops, "device": "cuda" if kwargs["n_gpu_layers"] and
@@ -174,6 +174,10 @@ class LlamaCppBackend(Backend):
             return scores
 
         seed = p["seed"] if p["seed"] is not None and p["seed"] >= 0 else random.getrandbits(31)
+        if not p.get("cache_prompt", True):
+            # Reusing a cached prefix changes the batch shapes and so the last bits of the logits: a fixed
+            # seed is only reproducible when the whole prompt is evaluated afresh (llama.cpp says the same).
+            llm.reset()
         matcher = StopMatcher(list(p["stop"]) + list(extra_stops))
         stream = llm.create_completion(
             prompt_ids, max_tokens=limit, temperature=float(p["temperature"]), top_p=float(p["top_p"]),

@@ -38,6 +38,8 @@ class Job:
 #   repeat_last_n, mirostat, mirostat_tau, mirostat_eta: numbers
 #   stop: list[str]; seed: int | None (None = random); ignore_eos: bool
 #   grammar: str | None (GBNF); json_schema: dict | None
+#   cache_prompt: bool               reuse the KV cache of a common prompt prefix (faster; a fixed seed is
+#                                     reproducible only without it)
 #   resume_text: str                  text already streamed by an earlier attempt (failover)
 TEXT_DEFAULTS: dict[str, Any] = {
     "max_tokens": 150,
@@ -58,4 +60,5 @@ TEXT_DEFAULTS: dict[str, Any] = {
     "ignore_eos": False,
     "grammar": None,
     "json_schema": None,
+    "cache_prompt": True,
 }

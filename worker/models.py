@@ -66,7 +66,7 @@ def load_models(entries: list[dict[str, Any]] | None) -> tuple[list[LoadedModel]
     backends: dict[str, type[Backend]] = {}
     for found in discover():
         if found.error:
-            log.error("backend plugin %s (%s) not loaded: %s", found.name, found.distribution, found.error)
+            log.error("backend plugin %s (%s) not loaded: %s", found.name, found.dist, found.error)
             failures.append({"backend": found.name, "model": "", "reason": found.error})
         else:
             backends[found.name] = found.backend

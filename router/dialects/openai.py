@@ -45,6 +45,8 @@ def _common_params(body: dict[str, Any]) -> dict[str, Any]:
     }
     if params["seed"] is not None:
         params["seed"] = params["seed"] % 2**31 if params["seed"] >= 0 else None
+    # A request that fixes its seed wants the same text every time: evaluate its prompt afresh.
+    params["cache_prompt"] = params["seed"] is None
     fmt = body.get("response_format")
     if fmt is not None:
         if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
