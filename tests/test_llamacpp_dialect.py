@@ -1,0 +1,218 @@
+"""POST /completion in llama.cpp's dialect (and the seed's dialect on the same route), against a real
+router and a real SmolLM2 worker."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.parse
+from typing import Any
+
+import pytest
+
+FINAL_KEYS = ["index", "content", "tokens", "id_slot", "stop", "model", "tokens_predicted", "tokens_evaluated",
+              "generation_settings", "prompt", "has_new_line", "truncated", "stop_type", "stopping_word",
+              "tokens_cached", "timings", "stopped_eos", "stopped_word", "stopped_limit"]
+TIMING_KEYS = ["prompt_n", "prompt_ms", "prompt_per_token_ms", "prompt_per_second", "predicted_n", "predicted_ms",
+               "predicted_per_token_ms", "predicted_per_second"]
+PARTIAL_KEYS = ["index", "content", "tokens", "stop", "id_slot", "tokens_predicted", "tokens_evaluated"]
+
+
+def http_chunks(router, path: str, body: Any, headers: dict[str, str] | None = None
+                ) -> tuple[int, dict[str, str], list[bytes]]:
+    """POST over a raw socket and return the HTTP/1.1 chunks exactly as the server framed them."""
+    url = urllib.parse.urlsplit(router.url)
+    data = json.dumps(body).encode()
+    head = {"Host": f"{url.hostname}:{url.port}", "Content-Type": "application/json",
+            "Content-Length": str(len(data)), "Connection": "close", **router.headers, **(headers or {})}
+    request = f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items()) + "\r\n"
+    with socket.create_connection((url.hostname, url.port), timeout=120) as sock:
+        sock.sendall(request.encode() + data)
+        f = sock.makefile("rb")
+        status = int(f.readline().split()[1])
+        response_headers: dict[str, str] = {}
+        while True:
+            line = f.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            key, _, value = line.decode().partition(":")
+            response_headers[key.strip().lower()] = value.strip()
+        chunks: list[bytes] = []
+        if response_headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                size = int(f.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while f.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                chunks.append(f.read(size))
+                assert f.readline() == b"\r\n"
+        else:
+            chunks.append(f.read())
+    return status, response_headers, chunks
+
+
+def llama_events(chunks: list[bytes]) -> list[dict[str, Any]]:
+    """Each chunk must be exactly one ``data: <json>\\n\\n`` event (LLM for Unity v3's rule)."""
+    events = []
+    for chunk in chunks:
+        text = chunk.decode()
+        assert text.startswith("data: ") and text.endswith("\n\n"), repr(text)
+        payload = text[len("data: "):-2]
+        assert "\n" not in payload, f"more than one line in one chunk: {text!r}"
+        events.append(json.loads(payload))
+    return events
+
+
+def test_non_stream_has_llamacpp_keys_in_order(mesh):
+    r = mesh.post("/completion", {"prompt": "The capital of France is", "n_predict": 4, "temperature": 0,
+                                  "cache_prompt": True, "id_slot": -1, "n_keep": 0, "tfs_z": 0.0,
+                                  "penalize_nl": True, "penalty_prompt": "", "messages": []})
+    assert r.status_code == 200, r.text
+    assert r.headers["Content-Type"].startswith("application/json")
+    body = r.json()
+    assert list(body)[:len(FINAL_KEYS)] == FINAL_KEYS
+    assert isinstance(body["content"], str) and body["content"]
+    assert body["tokens"] == [] and body["stop"] is True and body["id_slot"] == -1 and body["index"] == 0
+    assert body["model"] == "smollm2-135m-instruct"
+    assert body["tokens_predicted"] == 4 and body["tokens_evaluated"] > 0
+    assert body["stop_type"] == "limit" and body["stopped_limit"] is True and body["stopped_eos"] is False
+    assert body["stopping_word"] == "" and body["truncated"] is False
+    assert isinstance(body["has_new_line"], bool)
+    assert body["prompt"] == "The capital of France is"
+    settings = body["generation_settings"]
+    assert settings["n_ctx"] == 2048 and settings["n_predict"] == 4 and settings["temperature"] == 0
+    # llama.cpp's defaults for what the request left out
+    assert (settings["top_k"], settings["top_p"], settings["min_p"], settings["repeat_penalty"]) == (40, 0.95, 0.05, 1.1)
+    assert [k for k in body["timings"] if k in TIMING_KEYS] == TIMING_KEYS
+    for key in TIMING_KEYS:
+        assert isinstance(body["timings"][key], (int, float))
+    assert body["timings"]["predicted_n"] == 4
+    assert body["tokens_cached"] == body["tokens_evaluated"] + body["tokens_predicted"]
+
+
+def test_n_predict_zero_only_evaluates_the_prompt(mesh):
+    body = mesh.post("/completion", {"prompt": "Hello there", "n_predict": 0}).json()
+    assert body["content"] == "" and body["stop"] is True
+    assert body["tokens_predicted"] == 0 and body["tokens_evaluated"] > 0
+
+
+def test_n_predict_minus_one_ends_with_grammar(mesh):
+    """n_predict -1 runs to the end of text; a grammar that is complete after one word forces that end."""
+    body = mesh.post("/completion", {"prompt": "Is the sky blue? Answer:", "n_predict": -1, "seed": 1,
+                                     "grammar": 'root ::= " yes" | " no"'}).json()
+    assert body["content"] in (" yes", " no"), body
+    assert body["stop_type"] == "eos" and body["generation_settings"]["n_predict"] == -1
+
+
+def test_grammar_constrains_output(mesh):
+    body = mesh.post("/completion", {"prompt": "Pick a colour:", "n_predict": 10, "temperature": 1.0,
+                                     "grammar": 'root ::= "red" | "green" | "blue"'}).json()
+    assert body["content"] in ("red", "green", "blue")
+
+
+def test_json_schema_constrains_output(mesh):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    body = mesh.post("/completion", {"prompt": "Reply with JSON:", "n_predict": 30, "temperature": 0,
+                                     "json_schema": schema}).json()
+    value = json.loads(body["content"])
+    assert set(value) == {"ok"} and isinstance(value["ok"], bool)
+
+
+def test_seed_zero_is_a_fixed_seed(mesh):
+    req = {"prompt": "Once upon a time", "n_predict": 6, "temperature": 1.0, "seed": 0}
+    first, second = mesh.post("/completion", req).json(), mesh.post("/completion", req).json()
+    assert first["content"] == second["content"]
+    assert first["generation_settings"]["seed"] == 0
+
+
+def test_stop_word_is_excluded(mesh):
+    body = mesh.post("/completion", {"prompt": "1, 2, 3, 4, 5,", "n_predict": 20, "temperature": 0,
+                                     "stop": [" 8"]}).json()
+    assert " 8" not in body["content"]
+    assert body["stop_type"] == "word" and body["stopping_word"] == " 8" and body["stopped_word"] is True
+
+
+def test_token_array_and_mixed_prompts(mesh):
+    text = "The capital of France is"
+    tokens = mesh.post("/tokenize", {"content": text}).json()["tokens"]
+    ref = mesh.post("/completion", {"prompt": text, "n_predict": 3, "temperature": 0}).json()
+    by_ids = mesh.post("/completion", {"prompt": tokens, "n_predict": 3, "temperature": 0}).json()
+    mixed = mesh.post("/completion", {"prompt": [*tokens[:2], mesh.post("/detokenize", {"tokens": tokens[2:]})
+                                                 .json()["content"]], "n_predict": 3, "temperature": 0}).json()
+    assert by_ids["prompt"] == text and by_ids["content"] == ref["content"]
+    assert mixed["content"] == ref["content"]
+
+
+def test_response_fields(mesh):
+    body = mesh.post("/completion", {"prompt": "Hi", "n_predict": 2,
+                                     "response_fields": ["content", "generation_settings/n_predict"]}).json()
+    assert set(body) == {"content", "generation_settings/n_predict"}
+    assert body["generation_settings/n_predict"] == 2
+
+
+def test_stream_is_one_event_per_chunk_without_done(mesh):
+    status, headers, chunks = http_chunks(mesh, "/completion", {"prompt": "The capital of France is",
+                                                                "n_predict": 5, "temperature": 0, "stream": True,
+                                                                "cache_prompt": True})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert all(b"[DONE]" not in c and not c.startswith(b":") for c in chunks)
+    events = llama_events(chunks)
+    *partials, final = events
+    assert partials, "no partial events"
+    for event in partials:
+        assert list(event) == PARTIAL_KEYS
+        assert event["stop"] is False and event["tokens"] == [] and event["id_slot"] == -1
+        assert isinstance(event["content"], str) and event["content"]
+    assert final["content"] == "" and final["tokens"] == [] and final["stop"] is True
+    assert list(final)[:len(FINAL_KEYS)] == FINAL_KEYS
+    assert final["tokens_predicted"] == 5 and final["tokens_evaluated"] > 0
+    whole = mesh.post("/completion", {"prompt": "The capital of France is", "n_predict": 5, "temperature": 0})
+    assert "".join(e["content"] for e in partials) == whole.json()["content"]
+
+
+def test_error_mid_stream_is_one_llamacpp_event(mesh):
+    """An error after the stream started (the worker refuses an over-long prompt) is one error event."""
+    status, _headers, chunks = http_chunks(mesh, "/completion", {"prompt": "hello " * 2100, "n_predict": 2,
+                                                                 "stream": True})
+    assert status == 200
+    events = llama_events(chunks)
+    assert len(events) == 1 and b"[DONE]" not in b"".join(chunks)
+    error = events[0]["error"]
+    assert error["code"] == 400 and isinstance(error["code"], int)
+    assert error["type"] == "exceed_context_size_error" and error["message"]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prompt": "x", "n_predict": 2, "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "n_predict": -2}, "n_predict"),
+    ({"prompt": ["one", "two"], "n_predict": 2}, "prompt"),
+    ({"prompt": "x", "n_predict": 2, "n_probs": 3}, "n_probs"),
+    ({"prompt": "x", "n_predict": 2, "grammar": "root ::= \"a\"", "json_schema": {"type": "object"}}, "grammar"),
+    ({"n_predict": 2}, "prompt"),
+])
+def test_errors_have_llamacpp_shape(mesh, body, field):
+    r = mesh.post("/completion", body)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["code"] == 400 and isinstance(error["code"], int)
+    assert error["type"] == "invalid_request_error" and field in error["message"]
+
+
+def test_unknown_model_and_bad_token(mesh):
+    r = mesh.post("/completion", {"prompt": "x", "n_predict": 1, "model": "no-such-model"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == 404
+    r = mesh.post("/completion", {"prompt": "x", "n_predict": 1}, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401  # all LLM for Unity v2 reads; it stops retrying
+    assert r.json()["error"]["type"] == "authentication_error"
+
+
+def test_seed_dialect_still_served_on_completion(mesh):
+    body = mesh.post("/completion", {"prompt": "Hello", "max_tokens": 3, "temperature": 0}).json()
+    assert body["object"] == "text_completion" and isinstance(body["choices"][0]["text"], str)
+    status, _headers, chunks = http_chunks(mesh, "/completion", {"prompt": "Hello", "max_tokens": 3,
+                                                                 "temperature": 0, "stream": True})
+    assert status == 200
+    assert chunks[-1] == b"data: [DONE]\n\n"
+    first = json.loads(chunks[0].decode()[len("data: "):])
+    assert "choices" in first
