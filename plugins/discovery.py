@@ -46,6 +46,16 @@ class Discovered:
     def ok(self) -> bool:
         return self.backend is not None and self.error is None
 
+    @property
+    def reason(self) -> str | None:
+        """``error`` without its fix (for a READY ``failures`` entry)."""
+        return self.error.split("; fix: ", 1)[0] if self.error else None
+
+    @property
+    def fix(self) -> str | None:
+        """The fix part of ``error``."""
+        return self.error.split("; fix: ", 1)[1] if self.error and "; fix: " in self.error else None
+
 
 def allow_list(value: str | None = None) -> set[str] | None:
     """The backend names ``VELESIO_BACKENDS`` allows, or None when it is unset or empty (all allowed)."""
@@ -187,7 +197,7 @@ def describe(discovered: list[Discovered] | None = None) -> list[str]:
     if discovered is None:
         discovered = discover()
     rows = [(d.name, f"{d.dist or '?'} {d.version or '?'}" if d.dist or d.value else "-", _status(d))
-            for d in discovered]
+            for d in sorted(discovered, key=lambda d: d.name)]
     if not rows:
         return [f"no backends found in the '{ENTRY_POINT_GROUP}' entry-point group"
                 + (f" (allowed by {ALLOW_ENV}: {os.environ[ALLOW_ENV]})" if allow_list() else "")]

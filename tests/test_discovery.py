@@ -122,6 +122,10 @@ def test_broken_plugins_become_error_entries(plugins_site):
     assert broken.backend is None and broken.dist == "velesio-test-plugins" and broken.version == "0.1"
     assert "backend plugin 'broken'" in broken.error and "ImportError" in broken.error
     assert "needs libfoo" in broken.error and "pip install -U velesio-test-plugins" in broken.error
+    assert "needs libfoo" in broken.reason and "fix" not in broken.reason
+    assert broken.fix.startswith("reinstall or upgrade it") and ALLOW_ENV in broken.fix
+    for d in found.values():
+        assert d.ok or (d.reason and d.fix)
     assert "Backend subclass" in found["not-a-backend"].error
     too_new = found["too-new"].error
     assert f"API {API_VERSION + 1}" in too_new and "upgrade velesio" in too_new
