@@ -78,6 +78,8 @@ class LlamaCppBackend(Backend):
             self._formatter = Jinja2ChatFormatter(self.chat_template, eos_token=eos, bos_token=bos,
                                                   stop_token_ids=[llm.token_eos()])
         self.n_ctx = llm.n_ctx()
+        # Every end-of-generation token (eos, <|im_end|>, ...), for ignore_eos.
+        self._eog = [t for t in range(llm.n_vocab()) if llama_cpp.llama_token_is_eog(llm._model.vocab, t)]
         ops = [op for op in self.operations if op != "embeddings" or self._embedder is not None]
         return {"n_ctx": self.n_ctx, "n_ctx_train": llm._model.n_ctx_train(), "n_vocab": llm.n_vocab(),
                 "template": template_name(self.chat_template), "chat_template": self.chat_template or "",
@@ -187,7 +189,7 @@ class LlamaCppBackend(Backend):
             mirostat_mode=int(p["mirostat"]), mirostat_tau=float(p["mirostat_tau"]),
             mirostat_eta=float(p["mirostat_eta"]), grammar=grammar,
             logits_processor=[count],
-            logit_bias={llm.token_eos(): -1e9} if p["ignore_eos"] else None)
+            logit_bias={t: -1e9 for t in self._eog} if p["ignore_eos"] else None)
         text_parts: list[str] = []
         finish = "length"
         try:
