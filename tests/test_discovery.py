@@ -187,3 +187,38 @@ def test_duplicate_names(tmp_path, monkeypatch):
 
 def test_group_name():
     assert discovery.ENTRY_POINT_GROUP == "velesio.backends"
+
+
+def test_example_echo_plugin_is_discovered_and_serves_echo_1(tmp_path, monkeypatch):
+    """plugins/example-echo as if pip-installed: its dist-info on sys.path, its module from the source tree."""
+    import os
+
+    from velesio.backends import Cancelled, JobContext
+    from velesio.mesh.jobs import Job
+
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plugins", "example-echo")
+    make_dist(tmp_path / "site", "velesio-example-echo", {"example-echo": "velesio_example_echo:EchoBackend"}, {},
+              version="0.1.0")
+    monkeypatch.syspath_prepend(src)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    (found,) = discover(allow={"example-echo"})
+    assert found.ok and found.dist == "velesio-example-echo"
+    cls = found.backend
+    (model,) = cls.embedded_models()
+    assert (model.name, model.backend) == ("echo-1", "example-echo")
+    backend = cls(model)
+    assert backend.load()["n_ctx"] > 0
+
+    chunks = []
+    job = Job(op="chat", model="echo-1", params={"messages": [{"role": "user", "content": "one two three four"}],
+                                                 "max_tokens": 3})
+    result = backend.run(job, JobContext(job, chunks.append))
+    assert result["text"] == "four three two" == "".join(c["text"] for c in chunks)
+    assert result["finish_reason"] == "length" and result["completion_tokens"] == 3
+    job = Job(op="completion", model="echo-1", params={"prompt": "a b c", "max_tokens": -1})
+    assert backend.run(job, JobContext(job, lambda c: None))["text"] == "c b a"
+
+    job = Job(op="completion", model="echo-1", params={"prompt": "a b c d", "max_tokens": -1})
+    ctx = JobContext(job, lambda c: ctx.cancel())
+    with pytest.raises(Cancelled):
+        backend.run(job, ctx)
