@@ -15,6 +15,7 @@ from aiohttp import web
 
 from velesio import config as mesh_config
 from velesio.logs import setup_logging
+from velesio.mesh import curve
 
 from . import middleware, status_routes, text_routes
 from .broker import Broker
@@ -26,14 +27,14 @@ log = logging.getLogger("velesio.router")
 
 
 
-def init_app(cfg: mesh_config.RouterConfig, *, curve=None) -> web.Application:
+def init_app(cfg: mesh_config.RouterConfig) -> web.Application:
     app = web.Application(
         client_max_size=int(cfg.max_body_mb * 2**20),
         middlewares=[middleware.errors_middleware, middleware.cors_middleware, middleware.auth_middleware])
     app[CONFIG] = cfg
     app[STARTED] = time.time()
     app[RATE_LIMITER] = RateLimiter(cfg.rate_limit, cfg.token_limits)
-    broker = Broker(cfg.mesh_bind, curve=curve)
+    broker = Broker(cfg.mesh_bind, curve=curve.server_from_config(cfg.curve))
     app[BROKER] = broker
     app[SCHEDULER] = Scheduler(broker.send, queue_max=cfg.queue_max, heartbeat_ms=cfg.heartbeat_ms,
                                liveness=cfg.liveness, job_stall_s=cfg.job_stall_s,
@@ -97,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg.tokens = {}
         log.warning("authentication is OFF (--no-auth): anyone who can reach %s:%s can use the mesh",
                     cfg.host, cfg.port)
-    app = init_app(cfg)
+    try:
+        app = init_app(cfg)
+    except curve.CurveError as exc:
+        print(f"velesio-router: {exc}", file=sys.stderr)
+        return 2
     asyncio.run(_serve(app, cfg))
     return 0
 

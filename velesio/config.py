@@ -39,6 +39,8 @@ class RouterConfig:
     liveness: int = protocol.LIVENESS
     job_stall_s: float = 60.0
     cors_origins: list[str] = dataclasses.field(default_factory=lambda: ["*"])
+    curve: dict[str, str] | None = None  # {secret_key, allowed_workers}; None: plain TCP
+    options_scope: str = "token"  # A1111 /sdapi/v1/options changes: "token" (per token) or "global"
 
 
 @dataclasses.dataclass
@@ -49,6 +51,7 @@ class WorkerConfig:
     liveness: int = protocol.LIVENESS
     drain_s: float = 30.0
     models: list[dict[str, Any]] | None = None  # None: the embedded default models
+    curve: dict[str, str] | None = None  # {secret_key, router_public_key}; None: plain TCP
 
 
 @dataclasses.dataclass

@@ -10,6 +10,7 @@ import sys
 
 from velesio import config as mesh_config
 from velesio.logs import setup_logging
+from velesio.mesh import curve
 from velesio.plugins.discovery import describe, discover
 
 from .models import load_models
@@ -43,12 +44,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     routers = args.router or cfg.routers
     try:
+        link_security = curve.client_from_config(cfg.curve)
+    except curve.CurveError as exc:
+        print(f"velesio-worker: {exc}", file=sys.stderr)
+        return 2
+    if link_security is None:
+        log.warning("mesh link is plain TCP (no worker.curve in the config): for a single trusted host only")
+    try:
         models, failures = load_models(cfg.models)
     except ValueError as exc:
         print(f"velesio-worker: {exc}", file=sys.stderr)
         return 2
     worker = Worker(models, failures, name=args.name or cfg.name, heartbeat_ms=cfg.heartbeat_ms,
-                    liveness=cfg.liveness, drain_s=cfg.drain_s)
+                    liveness=cfg.liveness, drain_s=cfg.drain_s, curve=link_security)
     served = ", ".join(f"{m.config.name} ({m.config.backend}, {m.config.slots} slot(s))" for m in models)
     print(f"velesio-worker {worker.name}: serving {served or 'nothing'}"
           f"{f'; {len(failures)} failure(s), see log' if failures else ''}; routers {', '.join(routers)}",

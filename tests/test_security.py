@@ -1,0 +1,66 @@
+"""An encrypted, authenticated mesh (CurveZMQ), and tokens that never reach a log line."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import requests
+
+from conftest import BIN, SMOLLM2
+
+
+def make_keys(directory, name):
+    subprocess.run([str(BIN / "velesio-keys"), str(directory), name], check=True, capture_output=True)
+    return directory / f"{name}.key", directory / f"{name}.key_secret"
+
+
+def test_curve_admits_allowed_worker_and_refuses_unknown(start_router, start_worker, tmp_path):
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    allowed.mkdir()
+    router_pub, router_secret = make_keys(keys, "router")
+    good_pub, good_secret = make_keys(keys, "good")
+    _bad_pub, bad_secret = make_keys(keys, "bad")
+    (allowed / "good.key").write_bytes(good_pub.read_bytes())
+    router = start_router({"curve": {"secret_key": str(router_secret), "allowed_workers": str(allowed)}})
+    assert "plain TCP" not in router.proc.log
+
+    start_worker(router, "trusted", [SMOLLM2],
+                 worker_cfg={"curve": {"secret_key": str(good_secret), "router_public_key": str(router_pub)}})
+    r = router.post("/completion", {"prompt": "Hi", "max_tokens": 3})
+    assert r.status_code == 200, r.text
+
+    intruder = start_worker(router, "intruder", [SMOLLM2], wait=False,
+                            worker_cfg={"curve": {"secret_key": str(bad_secret),
+                                                  "router_public_key": str(router_pub)}})
+    plain = start_worker(router, "plaintext", [SMOLLM2], wait=False)
+    deadline = time.monotonic() + 20
+    while "refused a worker with unknown CURVE key" not in router.proc.log and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)
+    names = {w["id"] for w in router.health()["workers"]}
+    assert names == {"trusted"}
+    assert "refused a worker with unknown CURVE key" in router.proc.log
+    assert intruder.alive() and plain.alive()
+
+
+def test_plain_tcp_is_announced(start_router):
+    router = start_router()
+    assert "plain TCP" in router.proc.log
+
+
+def test_tokens_never_logged(start_router, start_worker):
+    secret = "sk-very-secret-token-4242"
+    router = start_router(token=secret, extra_args=["--log-level", "DEBUG"])
+    start_worker(router, "log-scan", [SMOLLM2])
+    headers = {"Authorization": f"Bearer {secret}"}
+    requests.post(router.url + "/completion", json={"prompt": "Hello", "max_tokens": 2}, headers=headers, timeout=30)
+    requests.post(router.url + "/completion", json={"prompt": "Hello"}, timeout=30,
+                  headers={"Authorization": f"Bearer {secret[:-1]}"})
+    requests.post(router.url + "/completion", json="bad", headers=headers, timeout=30)
+    requests.get(router.url + "/models", auth=("user", secret), timeout=30)
+    time.sleep(0.5)
+    log = router.proc.log
+    assert "listening" in log
+    for fragment in (secret, secret[:12], secret[-8:]):
+        assert fragment not in log
