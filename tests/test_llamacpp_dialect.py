@@ -83,7 +83,8 @@ def test_non_stream_has_llamacpp_keys_in_order(mesh):
     settings = body["generation_settings"]
     assert settings["n_ctx"] == 2048 and settings["n_predict"] == 4 and settings["temperature"] == 0
     # llama.cpp's defaults for what the request left out
-    assert (settings["top_k"], settings["top_p"], settings["min_p"], settings["repeat_penalty"]) == (40, 0.95, 0.05, 1.1)
+    defaults = (settings["top_k"], settings["top_p"], settings["min_p"], settings["repeat_penalty"])
+    assert defaults == (40, 0.95, 0.05, 1.1)
     assert [k for k in body["timings"] if k in TIMING_KEYS] == TIMING_KEYS
     for key in TIMING_KEYS:
         assert isinstance(body["timings"][key], (int, float))
