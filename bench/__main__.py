@@ -1,0 +1,121 @@
+"""``python -m bench``: start real router and worker processes on loopback, run the scenarios, print a table
+and write ``bench/results/latest.json`` (and ``latest.md``). See docs/performance.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from . import machine, report
+from .scenarios import SCENARIOS, Settings
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                   help=f"scenarios to run, of {', '.join(SCENARIOS)} (default: all)")
+    p.add_argument("--quick", action="store_true", help="a short smoke run (about a minute and a half)")
+    p.add_argument("--duration", type=float, help="seconds measured per point (default 5, quick 1.5)")
+    p.add_argument("--concurrency", type=_ints, help="router overhead concurrencies (default 1,16,64,256)")
+    p.add_argument("--stream-tokens", type=int, help="tokens per stream in the relay scenario (default 2000)")
+    p.add_argument("--streams", type=_ints, help="concurrent streams in the relay scenario (default 1,64)")
+    p.add_argument("--workers", type=_ints, help="worker counts for scaling (default 1,2,4,8)")
+    p.add_argument("--idle-streams", type=int, help="open streams for the memory scenario (default 1000)")
+    p.add_argument("--e2e-reps", type=int, help="requests per system in the end-to-end scenario (default 5)")
+    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
+                   help="event loop of the router and workers (uvloop: installed before their main())")
+    p.add_argument("--no-floor", action="store_true", help="skip the bare-aiohttp floor in the overhead scenario")
+    p.add_argument("--profile", action="store_true",
+                   help="sample the router with py-spy during overhead and stream (bench/results/profile-*.txt)")
+    p.add_argument("--output", type=Path, help="JSON results (default bench/results/latest.json)")
+    args = p.parse_args(argv)
+    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    if unknown:
+        p.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+    return args
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    s = Settings.quick(loop=args.loop) if args.quick else Settings(loop=args.loop)
+    for arg, field in (("duration", "duration"), ("concurrency", "concurrencies"), ("stream_tokens", "stream_tokens"),
+                       ("streams", "stream_concurrencies"), ("workers", "scaling_workers"),
+                       ("idle_streams", "idle_streams"), ("e2e_reps", "e2e_reps")):
+        if getattr(args, arg) is not None:
+            setattr(s, field, getattr(args, arg))
+    s.floor = not args.no_floor
+    s.profile = args.profile
+    return s
+
+
+def _clean(obj: Any) -> Any:
+    """JSON has no NaN: write null."""
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    s = settings_from(args)
+    names = args.scenarios or list(SCENARIOS)
+    out_path = args.output or s.results / "latest.json"
+    s.results.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    info = machine.describe()
+    log(f"machine: {machine.summary_line(info)}")
+    if (info["cores_usable"] or 1) <= 2:
+        log("note: client, router and worker share these cores; the numbers include that contention.")
+    results: dict[str, Any] = {
+        "command": "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "machine": info,
+        "settings": {"mode": "quick" if args.quick else "full", "loop": s.loop, "scenarios": names,
+                     **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(s).items()}},
+        "targets": report.TARGETS,
+        "scenarios": {},
+        "errors": {},
+    }
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="velesio-bench-") as tmp:
+        for name in names:
+            log(f"\n== {name}")
+            t0 = time.monotonic()
+            workdir = Path(tmp) / name
+            workdir.mkdir()
+            try:
+                results["scenarios"][name] = SCENARIOS[name](s, workdir, log)
+            except Exception as exc:  # one failing scenario must not lose the others
+                log(f"  FAILED: {type(exc).__name__}: {exc}")
+                results["errors"][name] = traceback.format_exc()[-4000:]
+            log(f"  ({time.monotonic() - t0:.0f} s)")
+    results["elapsed_s"] = time.monotonic() - started
+    info["loadavg_end"] = machine.loadavg()
+    table = report.markdown(results)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(_clean(results), indent=1) + "\n")
+    out_path.with_suffix(".md").write_text(table)
+    log("\n" + table)
+    log(f"results: {out_path} and {out_path.with_suffix('.md')}")
+    return 1 if results["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

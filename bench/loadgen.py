@@ -1,0 +1,197 @@
+"""The load generator: an asyncio aiohttp client that runs in its own process (``python -m bench.loadgen SPEC``),
+so that it never shares the router's event loop. SPEC is a JSON object; the result is one JSON line on stdout.
+
+Modes:
+
+- ``requests``: a closed loop of ``concurrency`` clients, each sending the next request when the last one
+  answered, for ``warmup`` + ``duration`` seconds; latencies of the requests started after the warm-up.
+- ``streams``: rounds of ``concurrency`` streams started together; per stream the time to the first
+  token, the tokens, the HTTP chunks and SSE events; per round the tokens delivered per second.
+- ``hold``: opens ``count`` streams, prints ``READY <open>`` once their headers came, holds them until a
+  line (or EOF) arrives on stdin, then closes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import sys
+import time
+from typing import Any
+
+import aiohttp
+
+try:  # the client is cheaper on uvloop; it is only the load generator's loop, never the router's
+    import uvloop
+except ImportError:  # pragma: no cover
+    uvloop = None
+
+
+def _session(limit: int = 0) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, ttl_dns_cache=None, use_dns_cache=True)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_read=120),
+                                 skip_auto_headers=("User-Agent",))
+
+
+async def run_requests(spec: dict[str, Any]) -> dict[str, Any]:
+    url, headers = spec["url"], spec.get("headers") or {}
+    data = json.dumps(spec["body"]).encode()
+    concurrency, warmup, duration = int(spec["concurrency"]), float(spec["warmup"]), float(spec["duration"])
+    latencies: list[int] = []
+    errors: list[str] = []
+    done_in_window = done_all = 0
+    async with _session(concurrency) as session:
+        start = time.perf_counter()
+        record_from, stop_at = start + warmup, start + warmup + duration
+
+        async def client() -> None:
+            nonlocal done_in_window, done_all
+            perf = time.perf_counter
+            while True:
+                t0 = perf()
+                if t0 >= stop_at:
+                    return
+                try:
+                    async with session.post(url, data=data, headers=headers) as r:
+                        await r.read()
+                        status = r.status
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    status, exc_text = 0, f"{type(exc).__name__}: {exc}"
+                t1 = perf()
+                done_all += 1
+                if t1 > record_from and t1 <= stop_at:
+                    done_in_window += 1
+                if t0 >= record_from:
+                    if status == 200:
+                        latencies.append(int((t1 - t0) * 1e6))
+                    else:
+                        errors.append(f"HTTP {status}" if status else exc_text)
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    return {"latencies_us": latencies, "errors": len(errors), "error_sample": errors[:3],
+            "completed": done_in_window, "completed_all": done_all, "window_s": duration}
+
+
+def _text_of(event: bytes) -> str:
+    """The generated text an SSE event carries (llama.cpp ``content``, OpenAI ``choices[0]``)."""
+    if event.strip() == b"[DONE]":
+        return ""
+    obj = json.loads(event)
+    if "content" in obj:
+        return obj.get("content") or ""
+    choice = (obj.get("choices") or [{}])[0]
+    return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+
+
+async def one_stream(session: aiohttp.ClientSession, url: str, data: bytes, headers: dict[str, str],
+                     parse: bool) -> dict[str, Any]:
+    """One SSE stream. Without ``parse`` every event but the last counts as one token (the benchmark backend
+    sends one token per event and llama.cpp's dialect ends with one ``stop`` event)."""
+    perf = time.perf_counter
+    t0 = perf()
+    ttft = t_last = None
+    events = chunks = tokens = 0
+    pending = b""
+    async with session.post(url, data=data, headers=headers) as r:
+        if r.status != 200:
+            return {"ok": False, "error": f"HTTP {r.status}: {(await r.read())[:200]!r}"}
+        async for data_piece, end_of_chunk in r.content.iter_chunks():
+            now = perf()
+            if end_of_chunk:
+                chunks += 1
+            if parse:
+                pending += data_piece
+                *whole, pending = pending.split(b"\n\n")
+                for raw in whole:
+                    if not raw.startswith(b"data: "):
+                        continue
+                    events += 1
+                    if _text_of(raw[6:]):
+                        tokens += 1
+                        t_last = now
+                        if ttft is None:
+                            ttft = now - t0
+            else:
+                # "data: " is 6 bytes: the last 5 of the previous piece catch one split across pieces.
+                n = (pending + data_piece).count(b"data: ")
+                pending = data_piece[-5:]
+                if n:
+                    events += n
+                    t_last = now
+                    if ttft is None:
+                        ttft = now - t0
+    end = perf()
+    if not parse:
+        tokens = max(0, events - 1)
+    return {"ok": True, "ttft": ttft, "tokens": tokens, "events": events, "http_chunks": chunks,
+            "t_last": (t_last - t0) if t_last is not None else None, "total": end - t0}
+
+
+async def run_streams(spec: dict[str, Any]) -> dict[str, Any]:
+    url, headers = spec["url"], spec.get("headers") or {}
+    data = json.dumps(spec["body"]).encode()
+    concurrency = int(spec["concurrency"])
+    duration, min_rounds = float(spec.get("duration", 0)), int(spec.get("min_rounds", 1))
+    max_rounds, warmup_rounds = int(spec.get("max_rounds", 1000)), int(spec.get("warmup_rounds", 1))
+    parse = bool(spec.get("parse", False))
+    rounds: list[dict[str, Any]] = []
+    warmup_tokens = 0
+    async with _session() as session:
+        for _ in range(warmup_rounds):
+            streams = await asyncio.gather(*(one_stream(session, url, data, headers, parse)
+                                             for _ in range(concurrency)))
+            warmup_tokens += sum(st.get("tokens", 0) for st in streams)
+        start = time.perf_counter()
+        while len(rounds) < max_rounds and (len(rounds) < min_rounds or time.perf_counter() - start < duration):
+            t0 = time.perf_counter()
+            streams = await asyncio.gather(*(one_stream(session, url, data, headers, parse)
+                                             for _ in range(concurrency)))
+            rounds.append({"wall": time.perf_counter() - t0, "streams": streams})
+    return {"rounds": rounds, "warmup_tokens": warmup_tokens}
+
+
+async def run_hold(spec: dict[str, Any]) -> dict[str, Any]:
+    url, headers = spec["url"], spec.get("headers") or {}
+    data = json.dumps(spec["body"]).encode()
+    count, batch = int(spec["count"]), int(spec.get("batch", 100))
+    opened: list[aiohttp.ClientResponse] = []
+    errors: list[str] = []
+    async with _session() as session:
+        async def open_one() -> None:
+            try:
+                r = await session.post(url, data=data, headers=headers)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                return
+            if r.status == 200:
+                opened.append(r)
+            else:
+                errors.append(f"HTTP {r.status}")
+                r.release()
+
+        for i in range(0, count, batch):
+            await asyncio.gather(*(open_one() for _ in range(min(batch, count - i))))
+        print(f"READY {len(opened)}", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        for r in opened:
+            r.close()
+    return {"opened": len(opened), "errors": len(errors), "error_sample": errors[:3]}
+
+
+MODES = {"requests": run_requests, "streams": run_streams, "hold": run_hold}
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(argv[0])
+    before = resource.getrusage(resource.RUSAGE_SELF)  # start-up (imports) is not the load's cost
+    coro = MODES[spec["mode"]](spec)
+    result = uvloop.run(coro) if uvloop is not None else asyncio.run(coro)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    result["cpu_s"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,139 @@
+"""The results as Markdown tables (printed, written next to the JSON, and copied into docs/performance.md)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .machine import summary_line
+
+# The issue's targets for a 2-core machine.
+TARGETS = {
+    "overhead_rps_c16": 5000,
+    "overhead_added_p50_ms_c16": 1.0,
+    "overhead_added_p99_ms_c16": 5.0,
+    "stream_tokens_per_s": 25000,
+    "e2e_ratio": 0.97,
+    "scaling_efficiency": 0.9,
+    "idle_rss_mb": 150,
+}
+
+
+def _f(x: Any, digits: int = 0) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "NO"
+    if isinstance(x, (int, float)):
+        return f"{x:,.{digits}f}"
+    return str(x)
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(head))) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def checks(results: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """(what, target, measured, met) for every target whose scenario ran."""
+    sc = results["scenarios"]
+    out = []
+    over = sc.get("overhead") or {}
+    row16 = next((r for r in over.get("rows", []) if r["concurrency"] == 16), None)
+    if row16:
+        out.append(("router overhead, c=16: requests/s", f"≥ {TARGETS['overhead_rps_c16']:,}", _f(row16["rps"]),
+                    row16["rps"] >= TARGETS["overhead_rps_c16"]))
+        out.append(("router overhead, c=16: added p50", f"≤ {TARGETS['overhead_added_p50_ms_c16']} ms",
+                    f"{_f(row16['added_p50_ms'], 2)} ms",
+                    row16["added_p50_ms"] <= TARGETS["overhead_added_p50_ms_c16"]))
+        out.append(("router overhead, c=16: added p99", f"≤ {TARGETS['overhead_added_p99_ms_c16']} ms",
+                    f"{_f(row16['added_p99_ms'], 2)} ms",
+                    row16["added_p99_ms"] <= TARGETS["overhead_added_p99_ms_c16"]))
+    stream = sc.get("stream") or {}
+    if stream.get("rows"):
+        best = max(stream["rows"], key=lambda r: r["tokens_per_s"])
+        out.append((f"stream relay: tokens/s (c={best['concurrency']})", f"≥ {TARGETS['stream_tokens_per_s']:,}",
+                    _f(best["tokens_per_s"]), best["tokens_per_s"] >= TARGETS["stream_tokens_per_s"]))
+    e2e = sc.get("e2e") or {}
+    mesh = next((r for r in e2e.get("rows", []) if r["system"].startswith("velesio") and "skipped" not in r), None)
+    if mesh:
+        out.append(("end to end: mesh tokens/s ÷ raw", f"≥ {TARGETS['e2e_ratio']}", _f(mesh["ratio_tokens_per_s"], 3),
+                    mesh["ratio_tokens_per_s"] >= TARGETS["e2e_ratio"]))
+    scale = sc.get("scaling") or {}
+    if scale.get("rows"):
+        last = scale["rows"][-1]
+        out.append((f"scaling: speedup at {last['workers']} workers", f"≥ {TARGETS['scaling_efficiency']} × "
+                    f"{last['workers']}", _f(last["speedup"], 2), last["efficiency"] >= TARGETS["scaling_efficiency"]))
+    mem = sc.get("memory") or {}
+    if mem.get("opened"):
+        out.append((f"router RSS with {mem['opened']:,} idle streams", f"≤ {TARGETS['idle_rss_mb']} MB",
+                    f"{_f(mem['rss_open_mb'], 1)} MB", mem["rss_open_mb"] <= TARGETS["idle_rss_mb"]))
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    sc = results["scenarios"]
+    lines = [f"Machine: {summary_line(m)}; load average at end {' '.join(map(str, m.get('loadavg_end', [])))}.",
+             f"Run: `{results['command']}` ({results['settings']['mode']}, router and worker event loop: "
+             f"{results['settings']['loop']}), {results['elapsed_s']:.0f} s.", ""]
+    if "overhead" in sc:
+        o = sc["overhead"]
+        base = o["in_process"]
+        lines += [f"**1. Router overhead** — `/completion` (llama.cpp dialect, {o['reply_bytes']}-byte reply), "
+                  f"benchmark backend; in-process `run()`: p50 {base['p50_ms'] * 1e3:.1f} µs, "
+                  f"p99 {base['p99_ms'] * 1e3:.1f} µs. Added = end to end − in process. CPU per request from "
+                  "/proc (router, worker) and getrusage (client).", ""]
+        floor = {r["concurrency"]: r for r in o.get("floor", [])}
+        rows = []
+        for r in o["rows"]:
+            f = floor.get(r["concurrency"], {})
+            rows.append([str(r["concurrency"]), _f(r["rps"]), _f(r["added_p50_ms"], 2), _f(r["added_p99_ms"], 2),
+                         _f(r["router_cpu_us"]), _f(r["worker_cpu_us"]), _f(r["client_cpu_us"]),
+                         _f(f.get("rps")), _f(f.get("p50_ms"), 2), _f(f.get("p99_ms"), 2), _f(r["errors"])])
+        lines += _table(["concurrency", "req/s", "added p50 ms", "added p99 ms", "router µs/req", "worker µs/req",
+                         "client µs/req", "floor req/s", "floor p50 ms", "floor p99 ms", "errors"], rows) + [""]
+    if "stream" in sc:
+        st = sc["stream"]
+        lines += [f"**2. Stream relay** — {st['tokens_per_stream']:,} tokens per stream, SSE through "
+                  "`/completion`; tokens/s delivered to all clients together (median over rounds).", ""]
+        rows = [[str(r["concurrency"]), _f(r["tokens_per_s"]), _f(r["stream_tokens_per_s"]), _f(r["ttft_p50_ms"], 2),
+                 _f(r["ttft_p99_ms"], 2), _f(r["router_cpu_us_per_token"], 1), _f(r["worker_cpu_us_per_token"], 1),
+                 _f(r["client_cpu_us_per_token"], 1), _f(r["tokens_ok"]), _f(r["one_event_per_chunk"])]
+                for r in st["rows"]]
+        lines += _table(["streams", "tokens/s", "per stream tokens/s", "TTFT p50 ms", "TTFT p99 ms",
+                         "router µs/token", "worker µs/token", "client µs/token", "all tokens", "1 event per chunk"],
+                        rows) + [""]
+    if "e2e" in sc:
+        e = sc["e2e"]
+        if "skipped" in e:
+            lines += [f"**3. End to end** — skipped: {e['skipped']}", ""]
+        else:
+            lines += [f"**3. End to end** — {e['model']}, {e['n_predict']} tokens (end of generation banned), "
+                      f"{e['threads']} threads, one request at a time, median of {e['reps']} after one warm-up.", ""]
+            rows = [[r["system"], "–", "–", "–", "–", "–", f"skipped: {r['skipped'][:80]}"] if "skipped" in r else
+                    [r["system"], _f(r["ttft_p50_ms"], 1), _f(r["decode_tokens_per_s"], 1), _f(r["tokens_per_s"], 1),
+                     _f(r["ratio_tokens_per_s"], 3), _f(r["ratio_ttft"], 2), ""] for r in e["rows"]]
+            lines += _table(["system", "TTFT p50 ms", "tokens/s after first", "tokens/s overall",
+                             "tokens/s ÷ raw", "TTFT ÷ raw", ""], rows) + [""]
+    if "scaling" in sc:
+        s = sc["scaling"]
+        lines += [f"**4. Scaling** — workers with the benchmark backend at {s['delay_ms']} ms per job, 1 slot each, "
+                  "2 × N clients; jobs per worker from /health.", ""]
+        rows = [[str(r["workers"]), _f(r["rps"], 1), _f(r["ideal_rps"]), _f(r["speedup"], 2), _f(r["efficiency"], 3),
+                 " / ".join(map(str, r["jobs_per_worker"])), _f(r["balance"], 2)] for r in s["rows"]]
+        lines += _table(["workers", "req/s", "ideal req/s", "speedup", "speedup ÷ N", "jobs per worker",
+                         "min ÷ max"], rows) + [""]
+    if "memory" in sc:
+        mm = sc["memory"]
+        lines += [f"**5. Memory** — router RSS (VmRSS) idle after warm-up, then with {mm['opened']:,} open idle "
+                  f"streams (each dispatched, waiting for its first token), then after they closed.", ""]
+        lines += _table(["idle MB", f"{mm['opened']:,} streams MB", "KB per stream", "after MB"],
+                        [[_f(mm["rss_idle_mb"], 1), _f(mm["rss_open_mb"], 1), _f(mm["kb_per_stream"], 1),
+                          _f(mm["rss_after_mb"], 1)]]) + [""]
+    ck = checks(results)
+    if ck:
+        lines += ["**Targets** (for a 2-core machine)", ""]
+        lines += _table(["what", "target", "measured", "met"], [[a, b, c, "yes" if d else "no"] for a, b, c, d in ck])
+    return "\n".join(lines) + "\n"
