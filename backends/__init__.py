@@ -70,9 +70,12 @@ class JobContext:
         self._emit = emit
         self._cancel = threading.Event()
         self.keep_partial = False  # set by an interrupt that wants what is done so far (A1111)
+        self.progress_n = 0  # pieces emitted so far; heartbeats report it so the router sees progress
 
     def emit(self, chunk: dict[str, Any]) -> None:
-        """Stream a partial result: ``{"text": piece, "tokens": [ids]}`` for text jobs."""
+        """Stream a partial result: ``{"text": piece, "tokens": [ids]}`` for text jobs. Call it for every
+        piece even when the job does not stream: the worker forwards pieces only for streaming jobs, and
+        counts every call as progress (a job without progress for ``job_stall_s`` is moved elsewhere)."""
         self._emit(chunk)
 
     def progress(self, step: int, steps: int, **extra: Any) -> None:

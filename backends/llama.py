@@ -165,14 +165,22 @@ class LlamaCppBackend(Backend):
                 grammar = LlamaGrammar.from_string(p["grammar"], verbose=False)
             elif p.get("json_schema"):
                 grammar = LlamaGrammar.from_json_schema(json.dumps(p["json_schema"]), verbose=False)
+            if grammar is not None:
+                self._check_grammar(llm, grammar)
         except Exception as exc:
             raise InvalidRequest(f"{'grammar' if p.get('grammar') else 'json_schema'}: cannot be compiled: {exc}")
         counter = {"n": 0, "first": None}
 
+        banned = self._eog if p["ignore_eos"] else []
+
         def count(_ids, scores):
+            # Called once per sampled token: counts tokens, times the first, and applies ignore_eos
+            # (llama-cpp-python drops its own logits_processor when logit_bias is also given).
             counter["n"] += 1
             if counter["first"] is None:
                 counter["first"] = time.perf_counter()
+            if banned:
+                scores[banned] = -float("inf")
             return scores
 
         seed = p["seed"] if p["seed"] is not None and p["seed"] >= 0 else random.getrandbits(31)
@@ -188,8 +196,7 @@ class LlamaCppBackend(Backend):
             repeat_penalty=float(p["repeat_penalty"]), seed=seed, stream=True,
             mirostat_mode=int(p["mirostat"]), mirostat_tau=float(p["mirostat_tau"]),
             mirostat_eta=float(p["mirostat_eta"]), grammar=grammar,
-            logits_processor=[count],
-            logit_bias={t: -1e9 for t in self._eog} if p["ignore_eos"] else None)
+            logits_processor=[count])
         text_parts: list[str] = []
         finish = "length"
         try:
@@ -200,8 +207,7 @@ class LlamaCppBackend(Backend):
                 piece = matcher.feed(choice.get("text") or "")
                 if piece:
                     text_parts.append(piece)
-                    if ctx.job.stream:
-                        ctx.emit({"text": piece})
+                    ctx.emit({"text": piece})
                 if matcher.stopped is not None:
                     finish = "stop"
                     break
@@ -212,13 +218,24 @@ class LlamaCppBackend(Backend):
         tail = matcher.flush()
         if tail:
             text_parts.append(tail)
-            if ctx.job.stream:
-                ctx.emit({"text": tail})
+            ctx.emit({"text": tail})
         end = time.perf_counter()
         first = counter["first"] or end
         stop_type = "word" if matcher.stopped is not None else "eos" if finish == "stop" else "limit"
         return self._result("".join(text_parts), finish, stop_type, matcher.stopped or "", len(prompt_ids),
                             counter["n"], (first - t0) * 1000, (end - first) * 1000, seed=seed)
+
+    @staticmethod
+    def _check_grammar(llm, grammar) -> None:
+        """llama.cpp only parses a GBNF grammar when sampling starts, and a NULL sampler from a bad grammar
+        takes the process down there; build the sampler once here and refuse the grammar instead."""
+        import llama_cpp
+
+        vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+        sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar._grammar.encode(), b"root")
+        if not sampler:
+            raise ValueError("llama.cpp could not parse it")
+        llama_cpp.llama_sampler_free(sampler)
 
     def _evaluate_only(self, llm, ids: list[int]) -> None:
         """n_predict 0: bring the prompt into the context (prompt cache) and generate nothing."""

@@ -19,6 +19,7 @@ from velesio.mesh import curve
 
 from . import middleware, status_routes, text_routes
 from .broker import Broker
+from .errors import ApiError
 from .keys import BROKER, CONFIG, SCHEDULER, STARTED
 from .ratelimit import RATE_LIMITER, RateLimiter
 from .scheduler import Scheduler
@@ -118,11 +119,16 @@ async def _serve(app: web.Application, cfg: mesh_config.RouterConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: draining requests in flight")
-    app[SCHEDULER].accepting = False
-    deadline = time.monotonic() + 10
-    while app[SCHEDULER].jobs and time.monotonic() < deadline:
+    scheduler = app[SCHEDULER]
+    log.info("shutting down: %d job(s) in flight get %.0fs to finish", len(scheduler.jobs), cfg.drain_s)
+    scheduler.accepting = False
+    deadline = time.monotonic() + cfg.drain_s
+    while scheduler.jobs and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
+    if scheduler.jobs:
+        scheduler.abort_all(ApiError("shutting_down", "the router is shutting down; retry shortly",
+                                     headers={"Retry-After": "5"}))
+        await asyncio.sleep(0.2)  # let the streams write their final event
     await runner.cleanup()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import json
 import logging
 from typing import Any, Awaitable, Callable
 
@@ -57,11 +58,27 @@ _HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 40
                405: "method_not_allowed", 413: "payload_too_large", 429: "rate_limited"}
 
 
+async def _sniff_dialect(request: web.Request) -> None:
+    """/completion serves two dialects; an error raised before the handler read the body (401, 429) still
+    gets the llama.cpp shape when the body is llama.cpp's (LLM for Unity v3 reads ``code`` as an int)."""
+    if request.path != "/completion" or "error_style" in request or (request.content_length or 0) > 2**20:
+        return
+    from .dialects import llamacpp
+
+    try:
+        body = json.loads(await request.read())
+    except Exception:
+        return
+    if isinstance(body, dict) and llamacpp.wants(body):
+        request["error_style"] = "llamacpp"
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as err:
+        await _sniff_dialect(request)
         return error_response(request, err)
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -89,6 +89,7 @@ class JobRecord:
         self.created = time.time()
         self.last_activity = time.monotonic()
         self.failovers = 0
+        self.progress_count = -1
 
     @property
     def visible(self) -> bool:
@@ -294,6 +295,9 @@ class Scheduler:
             if "memory_free_mb" in body:
                 worker.caps["memory_free_mb"] = body["memory_free_mb"]
             worker.draining = bool(body.get("draining"))
+            progress = body.get("progress")
+            if isinstance(progress, dict):
+                self._note_progress(worker, progress)
         elif command in (Command.PARTIAL, Command.FINAL, Command.ERROR):
             self._process_job_message(worker, command, body)
         elif command == Command.DISCONNECT:
@@ -358,6 +362,14 @@ class Scheduler:
                 return
             self._finish(rec, "error", ApiError(code, str(body.get("message") or code), body.get("details")))
 
+    def _note_progress(self, worker: WorkerState, progress: dict[str, Any]) -> None:
+        """A job whose progress counter moved since the last heartbeat is not stuck."""
+        for job_id, count in progress.items():
+            rec = self.jobs.get(job_id)
+            if rec is not None and rec.worker is worker and count != rec.progress_count:
+                rec.progress_count = count
+                rec.last_activity = time.monotonic()
+
     def _remove_worker(self, worker: WorkerState, why: str) -> None:
         if self.workers.pop(worker.identity, None) is None:
             return
@@ -388,6 +400,16 @@ class Scheduler:
         frame = codec.encode(Command.HEARTBEAT)
         for identity in list(self.workers):
             self.send(identity, frame)
+
+    def abort_all(self, err: ApiError) -> None:
+        """End every job still open with ``err`` (router shutdown after its drain time)."""
+        for rec in list(self.jobs.values()):
+            if rec.worker is not None:
+                self.send(rec.worker.identity, codec.encode(Command.CANCEL, {"job": rec.job.id,
+                                                                             "attempt": rec.job.attempt}))
+            self._finish(rec, "error", err)
+        for queue in self.queues.values():
+            queue.clear()
 
     def shutdown(self) -> None:
         self.accepting = False

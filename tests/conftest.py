@@ -127,7 +127,8 @@ def start_router(spawn, tmp_path_factory) -> Callable[..., Router]:
         cfg = {"router": {"rate_limit": {"requests_per_minute": 100000, "concurrent": 1000}, **(router_cfg or {})}}
         path = write_config(tmp_path_factory.mktemp("router") / "mesh.yaml", cfg)
         proc = spawn([str(BIN / "velesio-router"), "--config", path, "--host", "127.0.0.1", "--port", str(port),
-                      "--mesh-bind", mesh, *(extra_args or [])], "router", env={"API_TOKENS": token})
+                      "--mesh-bind", mesh, *(extra_args or [])], "router",
+                     env={"API_TOKENS": token} if token else None)
         router = Router(proc, port, mesh, token)
         router.wait_for(lambda h: True, timeout=30)
         return router

@@ -217,3 +217,25 @@ def test_seed_dialect_still_served_on_completion(mesh):
     assert chunks[-1] == b"data: [DONE]\n\n"
     first = json.loads(chunks[0].decode()[len("data: "):])
     assert "choices" in first
+
+
+def test_invalid_grammar_is_refused_and_the_worker_lives(mesh):
+    r = mesh.post("/completion", {"prompt": "Say yes:", "n_predict": 4, "grammar": "root ::= ["})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == 400 and "grammar" in r.json()["error"]["message"]
+    assert mesh.post("/completion", {"prompt": "Say yes:", "n_predict": 2}).status_code == 200
+
+
+def test_auth_error_in_llamacpp_dialect_has_int_code(mesh):
+    import requests
+
+    r = requests.post(mesh.url + "/completion", json={"prompt": "x", "n_predict": 4, "id_slot": -1},
+                      headers={"Authorization": "Bearer wrong"}, timeout=10)
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == 401
+    assert r.json()["error"]["type"] == "authentication_error"
+
+
+def test_ignore_eos_generates_every_token(mesh):
+    r = mesh.post("/completion", {"prompt": "Hi", "n_predict": 40, "ignore_eos": True}).json()
+    assert r["tokens_predicted"] == 40 and r["stop_type"] == "limit"

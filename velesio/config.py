@@ -38,6 +38,7 @@ class RouterConfig:
     heartbeat_ms: int = protocol.HEARTBEAT_MS
     liveness: int = protocol.LIVENESS
     job_stall_s: float = 60.0
+    drain_s: float = 10.0  # on SIGTERM, how long requests in flight may finish
     cors_origins: list[str] = dataclasses.field(default_factory=lambda: ["*"])
     curve: dict[str, str] | None = None  # {secret_key, allowed_workers}; None: plain TCP
     options_scope: str = "token"  # A1111 /sdapi/v1/options changes: "token" (per token) or "global"

@@ -101,8 +101,10 @@ class Worker:
         key = (job.id, job.attempt)
 
         def emit(chunk: dict[str, Any]) -> None:
-            loop.call_soon_threadsafe(link.send, Command.PARTIAL, {"job": job.id, "attempt": job.attempt,
-                                                                   "chunk": chunk})
+            ctx.progress_n += 1  # reported in heartbeats: the router's proof that the job is not stuck
+            if job.stream or "step" in chunk:
+                loop.call_soon_threadsafe(link.send, Command.PARTIAL, {"job": job.id, "attempt": job.attempt,
+                                                                       "chunk": chunk})
 
         ctx = JobContext(job, emit)
         self.running[key] = (ctx, link)
@@ -175,8 +177,10 @@ class RouterLink:
                                   "capabilities": self.worker.capabilities(), "running": running})
 
     def heartbeat(self) -> None:
-        jobs = [job_id for (job_id, _), (_, link) in self.worker.running.items() if link is self]
-        self.send(Command.HEARTBEAT, {"load": self.worker.load(), "jobs": jobs, "draining": self.worker.draining,
+        progress = {job_id: ctx.progress_n for (job_id, _), (ctx, link) in self.worker.running.items()
+                    if link is self}
+        self.send(Command.HEARTBEAT, {"load": self.worker.load(), "jobs": list(progress), "progress": progress,
+                                      "draining": self.worker.draining,
                                       "memory_free_mb": self.worker.device.get("memory_free_mb")})
 
     def close(self) -> None:

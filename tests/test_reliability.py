@@ -1,0 +1,153 @@
+"""Admission, drains and faults with real processes: every request ends with one result or one clear error."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import signal
+import threading
+import time
+
+import requests
+
+from conftest import SMOLLM2
+
+LONG = {"prompt": "Write a very long story about a dragon:", "n_predict": 1500, "ignore_eos": True}
+
+
+def test_requests_per_minute_limit(start_router, start_worker):
+    router = start_router({"rate_limit": {"requests_per_minute": 3, "concurrent": 10}})
+    start_worker(router, "rl", [SMOLLM2])
+    codes = [router.post("/completion", {"prompt": "Hi", "max_tokens": 1}) for _ in range(4)]
+    assert [r.status_code for r in codes] == [200, 200, 200, 429]
+    assert [r.headers["X-RateLimit-Remaining"] for r in codes] == ["2", "1", "0", "0"]
+    limited = codes[-1]
+    assert limited.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    assert limited.headers["X-RateLimit-Limit"] == "3"
+
+
+def test_per_token_limits(start_router):
+    router = start_router({"tokens": [{"token": "tok-alice", "name": "alice"}, {"token": "tok-bob", "name": "bob"}],
+                           "token_limits": {"bob": {"requests_per_minute": 1, "concurrent": 1}}}, token=None)
+    bob = {"Authorization": "Bearer tok-bob"}
+    alice = {"Authorization": "Bearer tok-alice"}
+    assert requests.get(router.url + "/models", headers=bob, timeout=10).status_code == 200
+    assert requests.get(router.url + "/models", headers=bob, timeout=10).status_code == 429
+    for _ in range(3):
+        r = requests.get(router.url + "/models", headers=alice, timeout=10)
+        assert r.status_code == 200 and r.headers["X-RateLimit-Limit"] == "100000"
+
+
+def test_concurrency_limit(start_router, start_worker):
+    router = start_router({"rate_limit": {"requests_per_minute": 1000, "concurrent": 1}})
+    start_worker(router, "burst", [SMOLLM2])
+    with requests.post(router.url + "/completion", json={**LONG, "stream": True}, headers=router.headers,
+                       stream=True, timeout=60) as r:
+        lines = r.iter_lines()  # held: dropping the generator closes the connection
+        first = next(lines)
+        assert b'"stop":false' in first, first
+        second = router.post("/completion", {"prompt": "Hi", "max_tokens": 1})
+        assert second.status_code == 429
+        assert "concurrent" in second.json()["error"]["message"]
+    time.sleep(0.3)
+    assert router.post("/completion", {"prompt": "Hi", "max_tokens": 1}).status_code == 200
+
+
+def test_queue_full_and_queued_cancel(start_router, start_worker):
+    router = start_router({"queue_max": 1})
+    start_worker(router, "q", [SMOLLM2])
+    with requests.post(router.url + "/completion", json={**LONG, "stream": True}, headers=router.headers,
+                       stream=True, timeout=60) as running:
+        running_lines = running.iter_lines()
+        next(running_lines)
+        with requests.post(router.url + "/completion", json={**LONG, "stream": True}, headers=router.headers,
+                           stream=True, timeout=60) as queued:
+            deadline = time.monotonic() + 5
+            while router.get("/queue/status").json()["queue_depth"] != 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            full = router.post("/completion", {"prompt": "Hi", "max_tokens": 1})
+            assert full.status_code == 503
+            assert full.json()["error"]["code"] == "queue_full"
+            assert int(full.headers["Retry-After"]) >= 1
+            assert queued.status_code == 200
+        # The queued client went away: its job leaves the queue without ever running.
+        deadline = time.monotonic() + 5
+        while router.get("/queue/status").json()["queue_depth"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert router.get("/queue/status").json()["queue_depth"] == 0
+    time.sleep(0.5)
+    assert router.health()["workers"][0]["jobs_done"] == 1
+
+
+def test_no_worker_answers_503_quickly(start_router):
+    router = start_router({"worker_wait_s": 1.0})
+    started = time.monotonic()
+    r = router.post("/completion", {"prompt": "Hi"})
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "no_worker"
+    assert "Retry-After" in r.headers
+    assert time.monotonic() - started < 3
+
+
+def test_request_waits_for_a_worker_that_is_starting(start_router, start_worker):
+    router = start_router({"worker_wait_s": 30})
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("r", router.post("/completion",
+                                                                           {"prompt": "Hi", "max_tokens": 2})))
+    t.start()
+    start_worker(router, "late", [SMOLLM2])
+    t.join(30)
+    assert result["r"].status_code == 200
+
+
+def test_worker_sigterm_drains(start_router, start_worker):
+    router = start_router()
+    worker = start_worker(router, "drainer", [SMOLLM2])
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(router.post, "/completion", {"prompt": "Tell me a story:", "n_predict": 200,
+                                                          "ignore_eos": True})
+        router.wait_for(lambda h: h["workers"] and h["workers"][0]["jobs_in_flight"] == 1, timeout=10)
+        worker.signal(signal.SIGTERM)
+        r = future.result(60)
+    assert r.status_code == 200
+    assert r.json()["tokens_predicted"] == 200
+    assert worker.popen.wait(30) == 0
+    router.wait_for(lambda h: h["workers"] == [], timeout=5)
+
+
+def test_router_sigterm_ends_streams_with_a_final_event(start_router, start_worker):
+    router = start_router({"drain_s": 1})
+    start_worker(router, "stay", [SMOLLM2])
+    events = []
+    with requests.post(router.url + "/completion", json={"prompt": "Once upon a time", "max_tokens": 2000,
+                                                         "stream": True}, headers=router.headers, stream=True,
+                       timeout=60) as r:
+        lines = r.iter_lines()
+        events.append(next(lines))
+        router.proc.signal(signal.SIGTERM)
+        for line in lines:
+            if line:
+                events.append(line)
+    assert events[-1] == b"data: [DONE]"
+    final = json.loads(events[-2][len(b"data: "):])
+    assert final["error"]["code"] == "shutting_down"
+    assert router.proc.popen.wait(15) == 0
+
+
+def test_stuck_worker_job_moves(start_router, start_worker):
+    """A worker that still beats but makes no progress loses the job to another worker. The stalled GPU is
+    simulated with the benchmark backend's fixed delay (it is the only thing it is used for here)."""
+    router = start_router({"job_stall_s": 2})
+    start_worker(router, "stuck", [{"name": "shared", "backend": "benchmark", "options": {"delay_ms": 60000}}])
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("r", router.post("/completion", {"prompt": "x",
+                                                                                         "model": "shared"})))
+    t.start()
+    router.wait_for(lambda h: h["workers"][0]["jobs_in_flight"] == 1, timeout=10)
+    start_worker(router, "healthy", [{"name": "shared", "backend": "benchmark", "options": {"reply": "fine"}}])
+    t.join(20)
+    r = result["r"]
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["text"] == "fine"
+    assert "no progress on worker stuck" in router.proc.log
