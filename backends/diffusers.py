@@ -565,8 +565,9 @@ class DiffusersBackend(Backend):
                 raise Cancelled("cancelled")
             gens = [torch.Generator(device="cpu").manual_seed(req["seed"] + first + j) for j in range(batch)]
             scheduler_notes: list[str] = []
-            pipe.scheduler = _samplers.make_scheduler(req["sampler_name"], req["scheduler"],
-                                                      self._base_scheduler_config, scheduler_notes)
+            with tiny_sd.quiet():
+                pipe.scheduler = _samplers.make_scheduler(req["sampler_name"], req["scheduler"],
+                                                          self._base_scheduler_config, scheduler_notes)
             for note in scheduler_notes:
                 if note not in notes:
                     notes.append(note)

@@ -86,8 +86,14 @@ def test_cache_dir_follows_env(monkeypatch, tmp_path):
 def test_load_meta(backend, cache_dir):
     meta = backend.test_meta
     for key, value in {"max_width": 1024, "max_height": 1024, "max_pixels": 1048576, "max_steps": 150,
-                       "max_batch": 8, "type": "checkpoint", "embedded": True, "device": "cpu"}.items():
+                       "max_batch": 8, "type": "checkpoint", "embedded": True}.items():
         assert meta[key] == value, key
+    import torch
+
+    if torch.cuda.is_available():
+        assert meta["device"].startswith("cuda") and meta["dtype"] == "float16"
+    else:
+        assert meta["device"] == "cpu" and meta["dtype"] == "float32" and meta["threads"] == 1
     assert meta["samplers"] == samplers.sampler_names()
     assert len(meta["hash"]) == 10 and meta["title"] == f"tiny-sd [{meta['hash']}]"
     folder = tiny_sd.default_dir(cache_dir)
