@@ -357,3 +357,63 @@ def test_sdxl_detection(tmp_path):
     (tmp_path / "xl").mkdir()
     (tmp_path / "xl" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
     assert detect_sdxl_folder(tmp_path / "xl")
+
+
+# ---------------------------------------------------------------- loading real checkpoints (wiring)
+
+
+def test_load_from_folder_path(backend, cache_dir):
+    folder = tiny_sd.default_dir(cache_dir)
+    b = DiffusersBackend(ModelConfig(name="sd-folder", backend="diffusers", path=str(folder),
+                                     options={"device": "cpu", "threads": 1, "max_width": 128, "max_steps": 10}))
+    meta = b.load()
+    try:
+        assert meta["embedded"] is False and meta["pipeline"] == "StableDiffusionPipeline"
+        assert meta["filename"] == str(folder) and meta["hash"] == backend.test_meta["hash"]
+        assert (meta["max_width"], meta["max_steps"], meta["max_height"]) == (128, 10, 1024)
+        r = b.run(Job(op="txt2img", model="sd-folder", params={**BASE, "steps": 2}), JobContext(
+            Job(op="txt2img", model="sd-folder", params={}), lambda c: None))
+        assert r["model"] == "sd-folder" and png(r["images"][0]).size == (64, 64)
+        with pytest.raises(InvalidRequest, match="exceeds"):
+            b.run(Job(op="txt2img", model="sd-folder", params={**BASE, "width": 256}),
+                  JobContext(Job(op="txt2img", model="sd-folder", params={}), lambda c: None))
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_load_single_file_picks_pipeline(monkeypatch, tmp_path, cache_dir, sdxl):
+    import diffusers
+
+    key = ("conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias" if sdxl
+           else "model.diffusion_model.input_blocks.0.0.weight")
+    ckpt = _fake_safetensors(tmp_path / "checkpoint.safetensors", [key])
+    calls = []
+
+    def fake_from_single_file(cls, path, **kwargs):
+        calls.append((cls.__name__, path, kwargs))
+        return tiny_sd.load(cache_dir)
+
+    for cls in (diffusers.StableDiffusionPipeline, diffusers.StableDiffusionXLPipeline):
+        monkeypatch.setattr(cls, "from_single_file", classmethod(fake_from_single_file))
+    b = DiffusersBackend(ModelConfig(name="ckpt", backend="diffusers", path=str(ckpt),
+                                     options={"device": "cpu", "config": "/models/sd15-config"}))
+    meta = b.load()
+    name, path, kwargs = calls[0]
+    assert name == ("StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline")
+    assert path == str(ckpt) and kwargs["config"] == "/models/sd15-config"
+    assert str(kwargs["torch_dtype"]) == "torch.float32"
+    assert meta["sdxl"] is sdxl and meta["filename"] == str(ckpt) and len(meta["hash"]) == 10
+    assert meta["title"] == f"checkpoint.safetensors [{meta['hash']}]"
+    b.close()
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        DiffusersBackend(ModelConfig(name="m", backend="diffusers", path=str(tmp_path / "none"))).load()
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="safetensors"):
+        DiffusersBackend(ModelConfig(name="m", backend="diffusers", path=str(tmp_path / "notes.txt"))).load()
+    with pytest.raises(ValueError, match="dtype"):
+        DiffusersBackend(ModelConfig(name="m", backend="diffusers", path=None,
+                                     options={"dtype": "int3"})).load()
