@@ -194,9 +194,8 @@ def test_example_echo_plugin_served_through_the_router(start_router, start_worke
         assert body["choices"][0]["message"]["content"] == "three two one"
         assert body["choices"][0]["finish_reason"] == "stop"
 
-        r = router.post("/v1/chat/completions", {"model": "echo-1", "stream": True,
-                                                 "messages": [{"role": "user", "content": "alpha beta gamma delta"}]},
-                        stream=True)
+        words = [{"role": "user", "content": "alpha beta gamma delta"}]
+        r = router.post("/v1/chat/completions", {"model": "echo-1", "stream": True, "messages": words}, stream=True)
         text, chunks = chat_stream_text(r)
         assert text == "delta gamma beta alpha"
         assert len([c for c in chunks if c["choices"][0]["delta"].get("content")]) == 4  # one chunk per word
@@ -309,7 +308,8 @@ def test_broken_plugin_and_missing_model_do_not_take_the_worker_down(start_route
 
         # the worker log names the plugin, the reason and the fix; and the missing model file
         log = worker.log
-        assert re.search(r"ERROR.*broken.*failed to import: ImportError: libacme\.so\.7 is missing", log), log[-3000:]
+        assert re.search(r"ERROR.*broken.*failed to import: ImportError: libacme\.so\.7 is missing", log), \
+            log[-3000:]
         assert "pip uninstall acme-broken-backend" in log
         assert re.search(r"ERROR.*ghost.*/nonexistent\.gguf", log), log[-3000:]
         assert worker.alive()
@@ -342,7 +342,8 @@ def test_list_backends(echo_site, broken_site):
     assert proc.returncode == 0, proc.stderr
     lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.strip()}
     assert set(BUILT_IN) | {"example-echo", "broken"} <= set(lines), proc.stdout
-    assert re.match(r"example-echo\s+velesio-example-echo 0\.1\.0\s+ok$", lines["example-echo"]), lines["example-echo"]
+    echo = lines["example-echo"]
+    assert re.match(r"example-echo\s+velesio-example-echo 0\.1\.0\s+ok$", echo), echo
     assert re.match(r"broken\s+acme-broken-backend 0\.3\s+error: backend plugin 'broken' .*failed to import: "
                     r"ImportError: libacme\.so\.7 is missing.*; fix: .*pip uninstall acme-broken-backend",
                     lines["broken"]), lines["broken"]
