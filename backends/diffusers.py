@@ -222,11 +222,15 @@ class DiffusersBackend(Backend):
     @classmethod
     def unavailable_reason(cls) -> str | None:
         missing = []
-        for module in ("torch", "diffusers", "transformers", "PIL"):
-            try:
-                __import__(module)
-            except Exception as exc:  # broken installs raise more than ImportError
-                missing.append(f"{module} ({type(exc).__name__}: {exc})")
+        with tiny_sd.quiet():
+            for module in ("torch", "diffusers", "transformers", "PIL"):
+                try:
+                    __import__(module)
+                    if module == "diffusers":
+                        # the pipelines pull in transformers' image processors, which log at first import
+                        from diffusers import StableDiffusionPipeline  # noqa: F401
+                except Exception as exc:  # broken installs raise more than ImportError
+                    missing.append(f"{module} ({type(exc).__name__}: {exc})")
         if missing:
             return ("the diffusers backend needs " + ", ".join(missing) + ". Fix: pip install 'velesio[diffusers]' "
                     "(on a GPU host install a CUDA build of torch first, see docs/images.md)")
@@ -244,11 +248,13 @@ class DiffusersBackend(Backend):
     def _pick_device(self, opts: dict[str, Any]) -> tuple[str, Any]:
         import torch
 
-        device = str(opts.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = str(opts.get("device") or "auto").strip().lower()
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"options.device is {device!r} but torch sees no CUDA device "
                                f"(torch {torch.__version__}); install a CUDA build of torch, see docs/images.md")
-        if opts.get("dtype"):
+        if opts.get("dtype") and str(opts["dtype"]).strip().lower() != "auto":
             key = str(opts["dtype"]).lower().replace("torch.", "")
             if key not in _DTYPES:
                 raise ValueError(f"options.dtype {opts['dtype']!r}: use one of float16, bfloat16, float32")

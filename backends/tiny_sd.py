@@ -145,6 +145,11 @@ def quiet() -> Any:
     Python warnings are filtered with ``warnings.catch_warnings``; the two libraries' loggers are raised to
     ERROR and put back afterwards.
     """
+    for module in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:  # let each library set up its root logger now, or it would reset the level set below
+            __import__(module, fromlist=["get_verbosity"]).get_verbosity()
+        except Exception:  # pragma: no cover - library missing or too old
+            pass
     loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

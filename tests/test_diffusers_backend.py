@@ -365,7 +365,8 @@ def test_sdxl_detection(tmp_path):
 def test_load_from_folder_path(backend, cache_dir):
     folder = tiny_sd.default_dir(cache_dir)
     b = DiffusersBackend(ModelConfig(name="sd-folder", backend="diffusers", path=str(folder),
-                                     options={"device": "cpu", "threads": 1, "max_width": 128, "max_steps": 10}))
+                                     options={"device": "auto", "dtype": "auto", "threads": 1, "max_width": 128,
+                                              "max_steps": 10}))
     meta = b.load()
     try:
         assert meta["embedded"] is False and meta["pipeline"] == "StableDiffusionPipeline"
