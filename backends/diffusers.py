@@ -264,8 +264,10 @@ class DiffusersBackend(Backend):
         return device, getattr(torch, dtype_name)
 
     def load(self) -> dict[str, Any]:
-        import torch
-        import diffusers
+        with tiny_sd.quiet():
+            import torch
+            import diffusers
+            from diffusers import StableDiffusionPipeline  # noqa: F401  (imports the pipelines quietly)
         self._torch = torch
         opts = dict(self.config.options or {})
         for key in DEFAULT_LIMITS:

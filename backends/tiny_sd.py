@@ -178,10 +178,11 @@ def disable_progress_bars() -> None:
 
 def build_pipeline() -> Any:
     """The tiny pipeline in memory, with weights drawn from :data:`SEED`."""
-    import torch
-    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionPipeline, \
-        UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    with quiet():
+        import torch
+        from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionPipeline, \
+            UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     # Module constructors draw from torch's global generator: one build at a time in this process, so that
     # two threads building at once still get the seeded weights.
@@ -224,6 +225,14 @@ def build(target: str | os.PathLike) -> Path:
         pipe = build_pipeline()
         with quiet():
             pipe.save_pretrained(tmp, safe_serialization=True)
+        # transformers 5 saves only tokenizer.json; keep the source files too, so that transformers 4 (whose
+        # CLIPTokenizer reads vocab.json and merges.txt) loads the same cache
+        tok_dir = tmp / "tokenizer"
+        for name in ("vocab.json", "merges.txt"):
+            if not (tok_dir / name).exists():
+                src = Path(write_tokenizer(tmp / ".tok")) / name
+                shutil.copyfile(src, tok_dir / name)
+        shutil.rmtree(tmp / ".tok", ignore_errors=True)
         (tmp / MARKER).write_text(json.dumps({
             "name": MODEL_NAME, "build_version": BUILD_VERSION, "seed": SEED,
             "note": "random weights: this model makes noise, not pictures of the prompt",
@@ -251,11 +260,11 @@ def ensure(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def load(cache_dir: str | os.PathLike | None = None, **kwargs: Any) -> Any:
     """Build if needed, then load the tiny pipeline with ``StableDiffusionPipeline.from_pretrained``."""
-    from diffusers import StableDiffusionPipeline
-
     folder = ensure(cache_dir)
     disable_progress_bars()
     with quiet():
+        from diffusers import StableDiffusionPipeline
+
         return StableDiffusionPipeline.from_pretrained(
             folder, local_files_only=True, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False, **kwargs)
