@@ -138,32 +138,57 @@ def write_tokenizer(folder: str | os.PathLike) -> Path:
     return folder
 
 
+_QUIET_LOCK = threading.Lock()
+_quiet_depth = 0
+_quiet_saved: list[Any] = []
+_NOISY_MODULES = r"(diffusers|transformers|huggingface_hub|accelerate|torch|numpy)(\..*)?$"
+_NOISY_FILTERS = [
+    ("ignore", None, FutureWarning, _NOISY_MODULES),
+    ("ignore", None, DeprecationWarning, _NOISY_MODULES),
+    ("ignore", ".*safety[ _]checker.*", Warning, ""),
+    ("ignore", ".*torch_dtype.*", Warning, ""),
+    ("ignore", ".*CLIPFeatureExtractor.*", Warning, ""),
+    ("ignore", ".*upcast_vae.*", Warning, ""),
+]
+
+
 @contextlib.contextmanager
 def quiet() -> Any:
-    """Silence the known, harmless warnings of diffusers/transformers for the enclosed block only.
+    """Silence the known, harmless warnings of diffusers/transformers while the enclosed block runs.
 
-    Python warnings are filtered with ``warnings.catch_warnings``; the two libraries' loggers are raised to
-    ERROR and put back afterwards.
+    Python warnings of those libraries (deprecations, safety-checker and dtype notices) are filtered, and the
+    two libraries' loggers raised to ERROR; both are put back when the last thread inside leaves (the
+    worker loads and runs models in several threads, so this is reference-counted, not nested state).
     """
-    for module in ("diffusers.utils.logging", "transformers.utils.logging"):
-        try:  # let each library set up its root logger now, or it would reset the level set below
-            __import__(module, fromlist=["get_verbosity"]).get_verbosity()
-        except Exception:  # pragma: no cover - library missing or too old
-            pass
-    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(max(lg.getEffectiveLevel(), logging.ERROR))
-    with contextlib.ExitStack() as stack:
-        stack.callback(lambda: [lg.setLevel(lv) for lg, lv in zip(loggers, levels)])
-        stack.enter_context(warnings.catch_warnings())
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*safety[ _]checker.*")
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*")
-        warnings.filterwarnings("ignore", message=".*CLIPFeatureExtractor.*")
-        warnings.filterwarnings("ignore", message=".*upcast_vae.*")
+    global _quiet_depth
+    with _QUIET_LOCK:
+        if _quiet_depth == 0:
+            for module in ("diffusers.utils.logging", "transformers.utils.logging"):
+                try:  # let each library set up its root logger now, or it would reset the level set below
+                    __import__(module, fromlist=["get_verbosity"]).get_verbosity()
+                except Exception:  # pragma: no cover - library missing or too old
+                    pass
+            loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
+            _quiet_saved[:] = [(lg, lg.level) for lg in loggers]
+            for lg in loggers:
+                lg.setLevel(max(lg.getEffectiveLevel(), logging.ERROR))
+            for action, message, category, module in _NOISY_FILTERS:
+                warnings.filterwarnings(action, message=message or "", category=category, module=module)
+                _quiet_saved.append(warnings.filters[0])  # the entry just inserted
+        _quiet_depth += 1
+    try:
         yield
+    finally:
+        with _QUIET_LOCK:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                for item in _quiet_saved:
+                    if isinstance(item[0], logging.Logger):
+                        item[0].setLevel(item[1])
+                    elif item in warnings.filters:
+                        warnings.filters.remove(item)
+                _quiet_saved.clear()
+                getattr(warnings, "_filters_mutated", lambda: None)()
 
 
 def disable_progress_bars() -> None:
