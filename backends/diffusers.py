@@ -550,7 +550,10 @@ class DiffusersBackend(Backend):
             else:
                 pipe = self._img2img
             if int(steps * strength) < 1:
-                call["num_inference_steps"] = math.ceil(1 / strength)
+                n = math.ceil(1 / strength)
+                while int(n * strength) < 1:  # float rounding
+                    n += 1
+                call["num_inference_steps"] = n
                 notes.append(f"denoising_strength {strength:g} with {steps} steps runs no step; "
                              f"used {call['num_inference_steps']} steps")
             call["strength"] = strength

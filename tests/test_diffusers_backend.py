@@ -418,3 +418,12 @@ def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="dtype"):
         DiffusersBackend(ModelConfig(name="m", backend="diffusers", path=None,
                                      options={"dtype": "int3"})).load()
+
+
+def test_img2img_low_strength_and_zero(backend):
+    init = run(backend, steps=1)["images"][0]
+    r = run(backend, op="img2img", init_images=[init], denoising_strength=0.1, steps=4)
+    assert len(r["images"]) == 1 and any("used 10 steps" in n for n in r["notes"])
+    r = run(backend, op="img2img", init_images=[init], denoising_strength=0.0, steps=4, batch_size=2)
+    assert r["seeds"] == [1234, 1235] and len(r["images"]) == 2
+    assert png(r["images"][0]).size == (64, 64)
