@@ -1,0 +1,26 @@
+"""The JavaScript client's own tests (clients/js, Node's test runner), which start a router and a worker from
+this environment's console scripts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import BIN
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JS = os.path.join(ROOT, "clients", "js")
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not on PATH")
+def test_js_client_suite():
+    version = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+    if int(version.lstrip("v").split(".")[0]) < 18:
+        pytest.skip(f"node {version} is older than 18 (no fetch, no node --test)")
+    proc = subprocess.run(["node", "--test", "test/"], cwd=JS, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "VELESIO_BIN": str(BIN)})
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert "# fail 0" in proc.stdout
