@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _serve(app: web.Application, cfg: mesh_config.RouterConfig) -> None:
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # Header lines up to 64 KB reach the middlewares (and get a JSON 401/400) instead of the parser's plain 400.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, max_line_size=65536,
+                           max_field_size=65536)
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port, shutdown_timeout=5.0)
     await site.start()

@@ -24,6 +24,8 @@ async def read_json(request: web.Request, *, allow_empty: bool = False) -> dict[
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError("invalid_request", "malformed JSON in request body", str(exc)) from None
+    except RecursionError:
+        raise ApiError("invalid_request", "malformed JSON in request body", "nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError("invalid_request", "request body must be a JSON object")
     return body
