@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
 import threading
 import time
@@ -10,7 +11,8 @@ import time
 import pytest
 
 from velesio.client import (AsyncClient, Client, Completion, ImageResult, InvalidRequest, ModelNotFound, QueueFull,
-                            RateLimited, ServiceUnavailable, Unauthorized, VelesioError, make_error)
+                            RateLimited, ServiceUnavailable, Unauthorized, VelesioError, encode_image,
+                            make_error)
 
 FRANCE = "What is the capital of France? Answer in one sentence."
 QA = "Q: What is the capital of France?\nA:"
@@ -171,6 +173,16 @@ async def test_async_retry_and_capped_wait(narrow):
 def _png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
     return struct.unpack(">II", data[16:24])
+
+
+def test_image_result_parsing():
+    png = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">II", 8, 4) + b"\x08\x02\x00\x00\x00"
+    b64 = encode_image(png)
+    r = ImageResult({"images": [b64, "data:image/png;base64," + b64], "parameters": {"width": 8},
+                     "info": json.dumps({"seed": 5, "all_seeds": [5]})})
+    assert r.images == [png, png] and _png_size(r.images[0]) == (8, 4)
+    assert r.info == {"seed": 5, "all_seeds": [5]} and r.parameters == {"width": 8}
+    assert ImageResult({"images": [], "info": "not json"}).info == "not json"
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,8 @@ import urllib.request
 from typing import Any, AsyncIterator, Iterator
 
 __all__ = ["Client", "AsyncClient", "Completion", "ImageResult", "VelesioError", "Unauthorized", "InvalidRequest",
-           "ModelNotFound", "RateLimited", "QueueFull", "ServiceUnavailable", "InternalError"]
+           "ModelNotFound", "RateLimited", "QueueFull", "ServiceUnavailable", "InternalError", "make_error",
+           "encode_image"]
 
 
 class VelesioError(Exception):
@@ -48,16 +49,15 @@ class QueueFull(ServiceUnavailable): """503: the job queue is at capacity."""
 class InternalError(VelesioError): """5xx: a server error."""
 
 
-_BY_CODE = {"unauthorized": Unauthorized, "invalid_request": InvalidRequest, "context_exceeded": InvalidRequest,
-            "model_not_found": ModelNotFound, "rate_limited": RateLimited, "queue_full": QueueFull,
-            "no_worker": ServiceUnavailable, "busy": ServiceUnavailable, "shutting_down": ServiceUnavailable,
-            "internal_error": InternalError}
-_BY_STATUS = {400: ("invalid_request", InvalidRequest), 401: ("unauthorized", Unauthorized),
-              404: ("not_found", VelesioError), 429: ("rate_limited", RateLimited),
-              503: ("service_unavailable", ServiceUnavailable)}
-_STATUS_OF = {"invalid_request": 400, "context_exceeded": 400, "unauthorized": 401, "model_not_found": 404,
-              "rate_limited": 429, "queue_full": 503, "no_worker": 503, "busy": 503, "shutting_down": 503,
-              "internal_error": 500}
+# code -> (HTTP status, class); codes the router may send that are not listed fall back on the status
+_CODES: dict[str, tuple[int, type]] = {
+    "invalid_request": (400, InvalidRequest), "context_exceeded": (400, InvalidRequest),
+    "unauthorized": (401, Unauthorized), "model_not_found": (404, ModelNotFound), "rate_limited": (429, RateLimited),
+    "queue_full": (503, QueueFull), "no_worker": (503, ServiceUnavailable), "busy": (503, ServiceUnavailable),
+    "shutting_down": (503, ServiceUnavailable), "internal_error": (500, InternalError)}
+_STATUS_CODES = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 429: "rate_limited",
+                 503: "service_unavailable"}
+_STATUS_CLASSES = {400: InvalidRequest, 401: Unauthorized, 429: RateLimited, 503: ServiceUnavailable}
 RETRY_STATUSES = (429, 503)
 
 
@@ -73,6 +73,14 @@ def _retry_after(value: str | None) -> float | None:
             return None
 
 
+def _error_of(status: int, raw: bytes, retry_after: str | None) -> VelesioError:
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        parsed = raw.decode("utf-8", "replace")
+    return make_error(status, parsed, _retry_after(retry_after))
+
+
 def make_error(status: int, body: Any, retry_after: float | None = None) -> VelesioError:
     """The typed error for an answer; reads the seed/OpenAI, llama.cpp (int code) and A1111 error shapes."""
     err = body.get("error") if isinstance(body, dict) else None
@@ -84,10 +92,10 @@ def make_error(status: int, body: Any, retry_after: float | None = None) -> Vele
     if isinstance(code, int) and not status:
         status = code  # llama.cpp's shape: the HTTP status as code
     if not isinstance(code, str):
-        code = _BY_STATUS.get(status, ("internal_error" if status >= 500 else "error", None))[0]
-    status = status or _STATUS_OF.get(code, 0)
-    cls = _BY_CODE.get(code) or _BY_STATUS.get(status, (None, None))[1]
-    cls = cls or (InternalError if status >= 500 else VelesioError)
+        code = _STATUS_CODES.get(status) or ("internal_error" if status >= 500 else "error")
+    known_status, cls = _CODES.get(code, (0, None))
+    status = status or known_status
+    cls = cls or _STATUS_CLASSES.get(status) or (InternalError if status >= 500 else VelesioError)
     return cls(status, code, str(message), details, retry_after=retry_after, body=body)
 
 
@@ -198,11 +206,45 @@ class _Base:
             body["model"] = self.model
         return body
 
-    @staticmethod
-    def _img2img_body(init_images: Any, prompt: str, params: dict[str, Any]) -> dict[str, Any]:
+    # The API; on AsyncClient the methods return awaitables and the streams are async iterators.
+    def complete(self, prompt: str, **params: Any) -> Completion:
+        """POST /completion: ``.text`` and the seed's JSON (``result["choices"][0]["text"]``)."""
+        return self._call(Completion, "POST", "/completion", self._text_body("prompt", prompt, params, False))
+
+    def chat(self, messages: list[dict[str, str]], **params: Any) -> Completion:
+        return self._call(Completion, "POST", "/chat/completions", self._text_body("messages", messages, params,
+                                                                                     False))
+
+    def stream_complete(self, prompt: str, **params: Any) -> Iterator[str]:
+        return self._stream("/completion", self._text_body("prompt", prompt, params, True))
+
+    def stream_chat(self, messages: list[dict[str, str]], **params: Any) -> Iterator[str]:
+        return self._stream("/chat/completions", self._text_body("messages", messages, params, True))
+
+    def txt2img(self, prompt: str, **params: Any) -> ImageResult:
+        return self._call(ImageResult, "POST", "/sdapi/v1/txt2img", {"prompt": prompt, **params})
+
+    def img2img(self, init_images: Any, prompt: str, **params: Any) -> ImageResult:
+        """``init_images``: PNG/JPEG bytes, PIL images or base64 strings (one or a list)."""
         if not isinstance(init_images, (list, tuple)):
             init_images = [init_images]
-        return {"init_images": [encode_image(i) for i in init_images], "prompt": prompt, **params}
+        body = {"init_images": [encode_image(i) for i in init_images], "prompt": prompt, **params}
+        return self._call(ImageResult, "POST", "/sdapi/v1/img2img", body)
+
+    def health(self) -> dict[str, Any]:
+        return self._call(dict, "GET", "/health")
+
+    def models(self) -> dict[str, Any]:
+        return self._call(dict, "GET", "/models")
+
+    def queue_status(self) -> dict[str, Any]:
+        return self._call(dict, "GET", "/queue/status")
+
+    def _call(self, wrap: Any, method: str, path: str, body: Any = None) -> Any:
+        raise NotImplementedError
+
+    def _stream(self, path: str, body: dict[str, Any]) -> Any:
+        raise NotImplementedError
 
 
 class Client(_Base):
@@ -216,12 +258,7 @@ class Client(_Base):
             try:
                 return urllib.request.urlopen(req, timeout=self.timeout)
             except urllib.error.HTTPError as exc:
-                raw = exc.read()
-                try:
-                    parsed = json.loads(raw)
-                except ValueError:
-                    parsed = raw.decode("utf-8", "replace")
-                err = make_error(exc.code, parsed, _retry_after(exc.headers.get("Retry-After")))
+                err = _error_of(exc.code, exc.read(), exc.headers.get("Retry-After"))
             except (urllib.error.URLError, OSError) as exc:
                 raise VelesioError(0, "connection_error", str(getattr(exc, "reason", exc))) from exc
             wait = self._wait(err, attempt)
@@ -230,48 +267,21 @@ class Client(_Base):
             time.sleep(wait)
         raise AssertionError("unreachable")
 
-    def _json(self, method: str, path: str, body: Any = None) -> Any:
+    def _call(self, wrap: Any, method: str, path: str, body: Any = None) -> Any:
         with self._open(method, path, body) as resp:
-            return json.loads(resp.read())
+            return wrap(json.loads(resp.read()))
 
     def _stream(self, path: str, body: dict[str, Any]) -> Iterator[str]:
         with self._open("POST", path, body, stream=True) as resp:
-            for line in resp:
-                event = _parse_line(line)
-                if event is _DONE:
-                    return
-                if event:
-                    piece = _piece(event)
-                    if piece:
+            try:
+                for line in resp:
+                    event = _parse_line(line)
+                    if event is _DONE:
+                        return
+                    if event and (piece := _piece(event)):
                         yield piece
-
-    def complete(self, prompt: str, **params: Any) -> Completion:
-        return Completion(self._json("POST", "/completion", self._text_body("prompt", prompt, params, False)))
-
-    def chat(self, messages: list[dict[str, str]], **params: Any) -> Completion:
-        return Completion(self._json("POST", "/chat/completions",
-                                     self._text_body("messages", messages, params, False)))
-
-    def stream_complete(self, prompt: str, **params: Any) -> Iterator[str]:
-        return self._stream("/completion", self._text_body("prompt", prompt, params, True))
-
-    def stream_chat(self, messages: list[dict[str, str]], **params: Any) -> Iterator[str]:
-        return self._stream("/chat/completions", self._text_body("messages", messages, params, True))
-
-    def txt2img(self, prompt: str, **params: Any) -> ImageResult:
-        return ImageResult(self._json("POST", "/sdapi/v1/txt2img", {"prompt": prompt, **params}))
-
-    def img2img(self, init_images: Any, prompt: str, **params: Any) -> ImageResult:
-        return ImageResult(self._json("POST", "/sdapi/v1/img2img", self._img2img_body(init_images, prompt, params)))
-
-    def health(self) -> dict[str, Any]:
-        return self._json("GET", "/health")
-
-    def models(self) -> dict[str, Any]:
-        return self._json("GET", "/models")
-
-    def queue_status(self) -> dict[str, Any]:
-        return self._json("GET", "/queue/status")
+            except OSError as exc:  # a read timeout or a dropped connection
+                raise VelesioError(0, "connection_error", str(exc) or type(exc).__name__) from exc
 
 
 class AsyncClient(_Base):
@@ -305,58 +315,27 @@ class AsyncClient(_Base):
             if resp.status < 400:
                 return resp
             async with resp:
-                raw = await resp.read()
-            try:
-                parsed = json.loads(raw)
-            except ValueError:
-                parsed = raw.decode("utf-8", "replace")
-            err = make_error(resp.status, parsed, _retry_after(resp.headers.get("Retry-After")))
+                err = _error_of(resp.status, await resp.read(), resp.headers.get("Retry-After"))
             wait = self._wait(err, attempt)
             if wait is None:
                 raise err
             await asyncio.sleep(wait)
         raise AssertionError("unreachable")
 
-    async def _json(self, method: str, path: str, body: Any = None) -> Any:
+    async def _call(self, wrap: Any, method: str, path: str, body: Any = None) -> Any:
         async with await self._open(method, path, body) as resp:
-            return json.loads(await resp.read())
+            return wrap(json.loads(await resp.read()))
 
     async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[str]:
+        import aiohttp
+
         async with await self._open("POST", path, body, stream=True) as resp:
-            async for line in resp.content:
-                event = _parse_line(line)
-                if event is _DONE:
-                    return
-                if event:
-                    piece = _piece(event)
-                    if piece:
+            try:
+                async for line in resp.content:
+                    event = _parse_line(line)
+                    if event is _DONE:
+                        return
+                    if event and (piece := _piece(event)):
                         yield piece
-
-    async def complete(self, prompt: str, **params: Any) -> Completion:
-        return Completion(await self._json("POST", "/completion", self._text_body("prompt", prompt, params, False)))
-
-    async def chat(self, messages: list[dict[str, str]], **params: Any) -> Completion:
-        return Completion(await self._json("POST", "/chat/completions",
-                                           self._text_body("messages", messages, params, False)))
-
-    def stream_complete(self, prompt: str, **params: Any) -> AsyncIterator[str]:
-        return self._stream("/completion", self._text_body("prompt", prompt, params, True))
-
-    def stream_chat(self, messages: list[dict[str, str]], **params: Any) -> AsyncIterator[str]:
-        return self._stream("/chat/completions", self._text_body("messages", messages, params, True))
-
-    async def txt2img(self, prompt: str, **params: Any) -> ImageResult:
-        return ImageResult(await self._json("POST", "/sdapi/v1/txt2img", {"prompt": prompt, **params}))
-
-    async def img2img(self, init_images: Any, prompt: str, **params: Any) -> ImageResult:
-        return ImageResult(await self._json("POST", "/sdapi/v1/img2img",
-                                            self._img2img_body(init_images, prompt, params)))
-
-    async def health(self) -> dict[str, Any]:
-        return await self._json("GET", "/health")
-
-    async def models(self) -> dict[str, Any]:
-        return await self._json("GET", "/models")
-
-    async def queue_status(self) -> dict[str, Any]:
-        return await self._json("GET", "/queue/status")
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                raise VelesioError(0, "connection_error", str(exc) or type(exc).__name__) from exc

@@ -89,7 +89,9 @@ function fromBase64(b64) {
 export function toBase64(image) {
   if (typeof image === 'string') return image;
   const bytes = image instanceof ArrayBuffer ? new Uint8Array(image) : image;
-  if (typeof Buffer !== 'undefined') return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('base64');
+  if (typeof Buffer !== 'undefined') {
+    return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString('base64');
+  }
   let binary = '';
   for (let i = 0; i < bytes.length; i += 0x8000) binary += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
   return btoa(binary);
