@@ -13,6 +13,7 @@ import base64
 import binascii
 import gc
 import hashlib
+import importlib.util
 import io
 import json
 import logging
@@ -221,16 +222,8 @@ class DiffusersBackend(Backend):
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        missing = []
-        with tiny_sd.quiet():
-            for module in ("torch", "diffusers", "transformers", "PIL"):
-                try:
-                    __import__(module)
-                    if module == "diffusers":
-                        # the pipelines pull in transformers' image processors, which log at first import
-                        from diffusers import StableDiffusionPipeline  # noqa: F401
-                except Exception as exc:  # broken installs raise more than ImportError
-                    missing.append(f"{module} ({type(exc).__name__}: {exc})")
+        # Cheap by contract (find_spec, no import): a broken install surfaces in load() as a model failure.
+        missing = [m for m in ("torch", "diffusers", "transformers", "PIL") if importlib.util.find_spec(m) is None]
         if missing:
             return ("the diffusers backend needs " + ", ".join(missing) + ". Fix: pip install 'velesio[diffusers]' "
                     "(on a GPU host install a CUDA build of torch first, see docs/images.md)")

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from velesio.mesh.jobs import Job
 
+from . import admission
 from .errors import ApiError
 from .keys import SCHEDULER
 from .scheduler import JobRecord
@@ -34,6 +35,7 @@ def dumps(obj: Any) -> str:
 async def submit(request: web.Request, job: Job) -> JobRecord:
     scheduler = request.app[SCHEDULER]
     job.model = await scheduler.resolve_model(job.op, job.model or None)
+    admission.check(job, scheduler.model_info(job.model) or {})
     return scheduler.submit(job)
 
 

@@ -230,11 +230,17 @@ class Scheduler:
             self._dispatch(rec, worker)
 
     def _dispatch(self, rec: JobRecord, worker: WorkerState) -> None:
+        try:
+            frame = codec.encode(Command.REQUEST, rec.job.to_wire())
+        except Exception as exc:  # parameters msgpack cannot carry: the dialect let something odd through
+            log.error("job %s cannot be encoded: %s", rec.job.id, exc)
+            self._finish(rec, "error", ApiError("invalid_request", "the request cannot be sent to a worker"))
+            return
         rec.worker = worker
         rec.last_activity = time.monotonic()
         worker.running[(rec.job.id, rec.job.attempt)] = rec.job.model
         worker.last_dispatch = time.monotonic()
-        self.send(worker.identity, codec.encode(Command.REQUEST, rec.job.to_wire()))
+        self.send(worker.identity, frame)
 
     def _finish(self, rec: JobRecord, kind: str, payload: Any) -> None:
         if rec.done:

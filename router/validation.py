@@ -28,6 +28,11 @@ async def read_json(request: web.Request, *, allow_empty: bool = False) -> dict[
         raise ApiError("invalid_request", "malformed JSON in request body", "nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError("invalid_request", "request body must be a JSON object")
+    if b"\\ud" in raw.lower():  # only a \uD800-\uDFFF escape can smuggle in a lone surrogate
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ApiError("invalid_request", "request body has an invalid unicode escape (lone surrogate)") from None
     return body
 
 

@@ -121,7 +121,15 @@ async def test_fuzz_every_endpoint(mesh):
         assert not failures, f"seed {SEED}: {len(failures)} bad answers, first: {failures[:5]}"
         assert statuses.get(400, 0) > N_REQUESTS // 8, statuses
         assert statuses.get(401, 0) > N_REQUESTS // 20, statuses
-        # Still serving, and still right.
+        # Every job the fuzz started ends (cancelled with its client, or done), then the mesh is still right.
+        deadline = asyncio.get_running_loop().time() + 120
+        while asyncio.get_running_loop().time() < deadline:
+            async with session.get(mesh.url + "/queue/status", headers={"Authorization": f"Bearer {TOKEN}"}) as q:
+                if (await q.json())["pending_jobs"] == 0:
+                    break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("jobs left behind by disconnected fuzz clients never ended")
         async with session.post(mesh.url + "/completion", json={"prompt": "The capital of France is",
                                                                 "max_tokens": 8, "temperature": 0},
                                 headers={"Authorization": f"Bearer {TOKEN}"}) as resp:

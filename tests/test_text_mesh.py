@@ -196,3 +196,15 @@ def test_rate_limit_headers(mesh):
     assert int(r.headers["X-RateLimit-Limit"]) > 0
     assert int(r.headers["X-RateLimit-Remaining"]) >= 0
     assert int(r.headers["X-RateLimit-Reset"]) > 1_600_000_000
+
+
+def test_prompt_longer_than_the_context_is_refused(mesh):
+    r = mesh.post("/completion", {"prompt": "word " * 100_000, "max_tokens": 4})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["code"] == "context_exceeded" and "context" in err["message"]
+    # Over the context but under the router's character bound: the worker counts tokens and says so.
+    r = mesh.post("/chat/completions", {"messages": [{"role": "user", "content": "word " * 3000}], "max_tokens": 4})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "context_exceeded"
+    assert "tokens" in r.json()["error"]["message"]

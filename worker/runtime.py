@@ -120,7 +120,12 @@ class Worker:
         base = {"job": job_id, "attempt": attempt}
         exc = future.exception() if not future.cancelled() else Cancelled("cancelled")
         if exc is None:
-            link.send(Command.FINAL, {**base, "result": future.result()})
+            try:
+                link.send(Command.FINAL, {**base, "result": future.result()})
+            except (TypeError, ValueError) as err:  # a result msgpack cannot carry (a backend bug)
+                log.error("job %s: result of %s cannot be sent: %s", job_id, model.config.backend, err)
+                link.send(Command.ERROR, {**base, "code": "internal_error",
+                                          "message": f"backend {model.config.backend} returned an unsendable result"})
         elif isinstance(exc, BackendError):
             link.send(Command.ERROR, {**base, "code": exc.code, "message": str(exc) or exc.code})
         else:
