@@ -51,7 +51,7 @@ def init_app(cfg: mesh_config.RouterConfig) -> web.Application:
 def _setup_optional_routes(app: web.Application) -> None:
     import importlib
 
-    for name in ("llamacpp_routes", "a1111_routes"):
+    for name in ("llamacpp_routes", "a1111_routes", "dashboard_routes"):
         try:
             module = importlib.import_module(f"{__package__}.{name}")
         except ModuleNotFoundError as exc:
