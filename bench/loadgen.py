@@ -91,15 +91,13 @@ async def one_stream(session: aiohttp.ClientSession, url: str, data: bytes, head
     perf = time.perf_counter
     t0 = perf()
     ttft = t_last = None
-    events = chunks = tokens = 0
+    events = tokens = 0
     pending = b""
     async with session.post(url, data=data, headers=headers) as r:
         if r.status != 200:
             return {"ok": False, "error": f"HTTP {r.status}: {(await r.read())[:200]!r}"}
-        async for data_piece, end_of_chunk in r.content.iter_chunks():
+        async for data_piece in r.content.iter_any():
             now = perf()
-            if end_of_chunk:
-                chunks += 1
             if parse:
                 pending += data_piece
                 *whole, pending = pending.split(b"\n\n")
@@ -124,7 +122,7 @@ async def one_stream(session: aiohttp.ClientSession, url: str, data: bytes, head
     end = perf()
     if not parse:
         tokens = max(0, events - 1)
-    return {"ok": True, "ttft": ttft, "tokens": tokens, "events": events, "http_chunks": chunks,
+    return {"ok": True, "ttft": ttft, "tokens": tokens, "events": events,
             "t_last": (t_last - t0) if t_last is not None else None, "total": end - t0}
 
 
@@ -179,7 +177,43 @@ async def run_hold(spec: dict[str, Any]) -> dict[str, Any]:
     return {"opened": len(opened), "errors": len(errors), "error_sample": errors[:3]}
 
 
-MODES = {"requests": run_requests, "streams": run_streams, "hold": run_hold}
+async def framed_stream(url: str, data: bytes, headers: dict[str, str]) -> dict[str, int]:
+    """One stream read off a plain socket, HTTP chunk by HTTP chunk: how many chunks carried exactly one SSE
+    event and how many did not (LLM for Unity parses every network chunk as one JSON object)."""
+    rest = url.split("://", 1)[1]
+    hostport, _, path = rest.partition("/")
+    host, _, port = hostport.partition(":")
+    reader, writer = await asyncio.open_connection(host, int(port or 80))
+    head = [f"POST /{path} HTTP/1.1", f"Host: {hostport}", f"Content-Length: {len(data)}", "Connection: close"]
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+    good = bad = 0
+    try:
+        status = await reader.readuntil(b"\r\n\r\n")
+        if b" 200 " not in status.split(b"\r\n", 1)[0] or b"chunked" not in status.lower():
+            return {"good": 0, "bad": 1}
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip().split(b";")[0], 16)
+            if size == 0:
+                break
+            chunk = (await reader.readexactly(size + 2))[:-2]
+            if chunk.startswith(b"data: ") and chunk.endswith(b"\n\n") and chunk.count(b"\n\n") == 1:
+                good += 1
+            else:
+                bad += 1
+    finally:
+        writer.close()
+    return {"good": good, "bad": bad}
+
+
+async def run_framing(spec: dict[str, Any]) -> dict[str, Any]:
+    data = json.dumps(spec["body"]).encode()
+    results = await asyncio.gather(*(framed_stream(spec["url"], data, spec.get("headers") or {})
+                                     for _ in range(int(spec["concurrency"]))))
+    return {"chunks_one_event": sum(r["good"] for r in results), "chunks_other": sum(r["bad"] for r in results)}
+
+
+MODES = {"requests": run_requests, "streams": run_streams, "hold": run_hold, "framing": run_framing}
 
 
 def main(argv: list[str]) -> int:
