@@ -17,7 +17,7 @@ from velesio import config as mesh_config
 from velesio.logs import setup_logging
 from velesio.mesh import curve
 
-from . import middleware, status_routes, text_routes
+from . import metrics, middleware, status_routes, text_routes
 from .broker import Broker
 from .errors import ApiError
 from .keys import BROKER, CONFIG, SCHEDULER, STARTED
@@ -31,7 +31,8 @@ log = logging.getLogger("velesio.router")
 def init_app(cfg: mesh_config.RouterConfig) -> web.Application:
     app = web.Application(
         client_max_size=int(cfg.max_body_mb * 2**20),
-        middlewares=[middleware.errors_middleware, middleware.cors_middleware, middleware.auth_middleware])
+        middlewares=[metrics.metrics_middleware, middleware.errors_middleware, middleware.cors_middleware,
+                     middleware.auth_middleware])
     app[CONFIG] = cfg
     app[STARTED] = time.time()
     app[RATE_LIMITER] = RateLimiter(cfg.rate_limit, cfg.token_limits)
@@ -41,7 +42,7 @@ def init_app(cfg: mesh_config.RouterConfig) -> web.Application:
                                liveness=cfg.liveness, job_stall_s=cfg.job_stall_s,
                                worker_wait_s=cfg.worker_wait_s, router_name=socket.gethostname(),
                                default_models={"text": cfg.default_text_model, "image": cfg.default_image_model})
-    for module in (text_routes, status_routes):
+    for module in (text_routes, status_routes, metrics):
         module.setup(app)
     _setup_optional_routes(app)
     app.cleanup_ctx.append(_mesh)

@@ -116,6 +116,11 @@ class Scheduler:
         self.completed: collections.deque[float] = collections.deque()
         self.mesh_changed = asyncio.Event()
         self.accepting = True
+        self.observer: Any = None  # router/metrics.py: observe(event, rec, **data)
+
+    def _observe(self, event: str, rec: "JobRecord", **data: Any) -> None:
+        if self.observer is not None:
+            self.observer.observe(event, rec, **data)
 
     # ---- views -------------------------------------------------------------------------------
     def live_models(self) -> dict[str, dict[str, Any]]:
@@ -199,6 +204,7 @@ class Scheduler:
         """The client went away (or asked to interrupt): stop the job wherever it is."""
         if rec.done:
             return
+        self._observe("cancel", rec)
         queue = self.queues.get(rec.job.model)
         if queue and rec in queue:
             queue.remove(rec)
@@ -241,11 +247,14 @@ class Scheduler:
         worker.running[(rec.job.id, rec.job.attempt)] = rec.job.model
         worker.last_dispatch = time.monotonic()
         self.send(worker.identity, frame)
+        self._observe("dispatch", rec)
 
     def _finish(self, rec: JobRecord, kind: str, payload: Any) -> None:
         if rec.done:
             return
         rec.done = True
+        self._observe("end", rec, outcome="ok" if kind == "final" else getattr(payload, "code", "error"),
+                      result=payload if kind == "final" else None)
         self.jobs.pop(rec.job.id, None)
         if kind == "final":
             self.completed.append(time.time())
@@ -258,6 +267,7 @@ class Scheduler:
         job = rec.job
         rec.worker = None
         rec.failovers += 1
+        self._observe("failover", rec)
         if job.attempt >= MAX_ATTEMPTS:
             self._finish(rec, "error", ApiError("no_worker", f"job failed {job.attempt} times ({reason})"))
             return
@@ -354,10 +364,13 @@ class Scheduler:
         if command == Command.PARTIAL:
             chunk = body.get("chunk") or {}
             if "text" in chunk:
+                if not rec.text_so_far:
+                    self._observe("first_token", rec)
                 rec.text_so_far += str(chunk["text"])
                 rec.tokens_so_far += max(1, len(chunk.get("tokens") or ()))
             if "step" in chunk:
                 rec.progress = chunk
+                self._observe("step", rec)
             rec.events.put_nowait(("partial", chunk))
         elif command == Command.FINAL:
             self._finish(rec, "final", body.get("result") or {})

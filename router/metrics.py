@@ -1,0 +1,136 @@
+"""Prometheus metrics (prometheus-client), on ``GET /metrics``: request counters from a middleware, job
+timings from the scheduler's events, and mesh state (queues, workers, heartbeats) read at scrape time.
+Tokens never appear: requests are labelled with the token's configured name."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .keys import SCHEDULER
+from .scheduler import JobRecord, Scheduler
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class MeshCollector(Collector):
+    """Gauges read from the scheduler when Prometheus scrapes."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        s = self.scheduler
+        depth = GaugeMetricFamily("velesio_queue_depth", "Jobs waiting for a worker, per model", labels=["model"])
+        for model, queue in s.queues.items():
+            depth.add_metric([model], len(queue))
+        workers = GaugeMetricFamily("velesio_workers", "Live workers")
+        workers.add_metric([], len(s.workers))
+        in_flight = GaugeMetricFamily("velesio_worker_jobs_in_flight", "Jobs running on each worker",
+                                      labels=["worker"])
+        age = GaugeMetricFamily("velesio_worker_heartbeat_age_seconds", "Seconds since each worker was heard",
+                                labels=["worker"])
+        free = GaugeMetricFamily("velesio_worker_free_slots", "Free slots per worker and model",
+                                 labels=["worker", "model"])
+        now = time.monotonic()
+        for w in s.workers.values():
+            in_flight.add_metric([w.name], len(w.running))
+            age.add_metric([w.name], now - w.last_seen)
+            for model in w.models:
+                free.add_metric([w.name, model], w.free(model))
+        yield from (depth, workers, in_flight, age, free)
+
+
+class Metrics:
+    """The router's metrics; also the scheduler's observer (``observe(event, rec, **data)``)."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("velesio_requests", "HTTP requests", ["endpoint", "status", "token"], registry=r)
+        self.rate_limited = Counter("velesio_rate_limited", "Requests refused by rate limits", ["token"], registry=r)
+        self.queue_wait = Histogram("velesio_queue_wait_seconds", "Time from acceptance to dispatch", ["model"],
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("velesio_time_to_first_token_seconds", "Time from acceptance to the first token",
+                              ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.job_seconds = Histogram("velesio_job_seconds", "Time from acceptance to the result", ["model", "op"],
+                                     buckets=_LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("velesio_generated_tokens", "Tokens generated", ["model"], registry=r)
+        self.tokens_per_second = Histogram("velesio_tokens_per_second", "Generation speed of each text job",
+                                           ["model"], buckets=(5, 10, 25, 50, 100, 200, 400, 800, 1600), registry=r)
+        self.image_steps = Counter("velesio_image_steps", "Denoising steps done", ["model"], registry=r)
+        self.jobs = Counter("velesio_jobs", "Jobs ended, by outcome", ["model", "op", "outcome"], registry=r)
+        self.failovers = Counter("velesio_failovers", "Jobs moved to another worker", ["model"], registry=r)
+        self.cancellations = Counter("velesio_cancellations", "Jobs cancelled (client gone, interrupt)", ["model"],
+                                     registry=r)
+        r.register(MeshCollector(scheduler))
+
+    def observe(self, event: str, rec: JobRecord, **data: Any) -> None:
+        job = rec.job
+        elapsed = time.time() - rec.created
+        if event == "dispatch":
+            if job.attempt == 1:
+                self.queue_wait.labels(job.model).observe(elapsed)
+        elif event == "first_token":
+            self.ttft.labels(job.model).observe(elapsed)
+        elif event == "step":
+            self.image_steps.labels(job.model).inc()
+        elif event == "failover":
+            self.failovers.labels(job.model).inc()
+        elif event == "cancel":
+            self.cancellations.labels(job.model).inc()
+        elif event == "end":
+            outcome = data.get("outcome", "ok")
+            self.jobs.labels(job.model, job.op, outcome).inc()
+            self.job_seconds.labels(job.model, job.op).observe(elapsed)
+            result = data.get("result") or {}
+            n = result.get("completion_tokens")
+            if outcome == "ok" and isinstance(n, int) and n > 0:
+                self.tokens.labels(job.model).inc(n)
+                predicted_ms = (result.get("timings") or {}).get("predicted_ms")
+                if predicted_ms:
+                    self.tokens_per_second.labels(job.model).observe(n / (predicted_ms / 1000))
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+def endpoint_label(request: web.Request) -> str:
+    """The route's path pattern, so that unknown paths do not grow label sets without bound."""
+    resource = request.match_info.route.resource if request.match_info.route else None
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler) -> web.StreamResponse:
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics = request.app[METRICS]
+        token = request.get("token_name", "none")
+        metrics.requests.labels(endpoint_label(request), str(status), token).inc()
+        if status == 429:
+            metrics.rate_limited.labels(token).inc()
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def setup(app: web.Application) -> None:
+    metrics = Metrics(app[SCHEDULER])
+    app[METRICS] = metrics
+    app[SCHEDULER].observer = metrics
+    app.router.add_get("/metrics", metrics_handler)
