@@ -56,11 +56,12 @@ async def result_of(request: web.Request, job: Job) -> dict[str, Any]:
 
 async def respond(request: web.Request, job: Job, renderer: Renderer) -> web.StreamResponse:
     if not job.stream:
-        return web.json_response(renderer.render(await result_of(request, job)), dumps=dumps)
+        result = await result_of(request, job)
+        return web.json_response(renderer.render(result), dumps=dumps, headers={"X-Request-Id": job.id})
     rec = await submit(request, job)
     scheduler = request.app[SCHEDULER]
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no",
+                                           "X-Accel-Buffering": "no", "X-Request-Id": job.id,
                                            **request.get("rate_headers", {})})
     try:
         await response.prepare(request)

@@ -253,8 +253,12 @@ class Scheduler:
         if rec.done:
             return
         rec.done = True
-        self._observe("end", rec, outcome="ok" if kind == "final" else getattr(payload, "code", "error"),
-                      result=payload if kind == "final" else None)
+        outcome = "ok" if kind == "final" else getattr(payload, "code", "error")
+        self._observe("end", rec, outcome=outcome, result=payload if kind == "final" else None)
+        worker = rec.worker.name if rec.worker else "-"
+        log.info("job %s %s on %s by %s (attempt %d): %s in %.3fs", rec.job.id, rec.job.op, rec.job.model, worker,
+                 rec.job.attempt, outcome, time.time() - rec.created,
+                 extra={"job": rec.job.id, "worker": worker})
         self.jobs.pop(rec.job.id, None)
         if kind == "final":
             self.completed.append(time.time())

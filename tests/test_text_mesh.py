@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import requests
@@ -208,3 +209,23 @@ def test_prompt_longer_than_the_context_is_refused(mesh):
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "context_exceeded"
     assert "tokens" in r.json()["error"]["message"]
+
+
+def test_request_id_follows_the_job_into_both_logs(mesh, start_worker):
+    r = mesh.post("/completion", {"prompt": "Hi", "max_tokens": 2})
+    job_id = r.headers["X-Request-Id"]
+    assert job_id.startswith("j-")
+    assert job_id in mesh.proc.log
+    worker_logs = [p for p in mesh.proc.log_path.parent.glob("worker-text-1-*.log")]
+    assert any(job_id in p.read_text() for p in worker_logs)
+
+
+def test_json_lines_logs(start_router, start_worker):
+    router = start_router(extra_args=["--log-json"])
+    start_worker(router, "json-logs", [{"name": "smollm2-135m-instruct", "backend": "llama-cpp",
+                                        "options": {"n_threads": 1}}])
+    job_id = router.post("/completion", {"prompt": "Hi", "max_tokens": 2}).headers["X-Request-Id"]
+    time.sleep(0.2)
+    entries = [json.loads(line) for line in router.proc.log.splitlines() if line.startswith("{")]
+    assert entries and all({"ts", "level", "logger", "msg"} <= set(e) for e in entries)
+    assert any(e.get("job") == job_id and e.get("worker") == "json-logs" for e in entries)

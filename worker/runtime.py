@@ -119,6 +119,8 @@ class Worker:
         job_id, attempt = key
         base = {"job": job_id, "attempt": attempt}
         exc = future.exception() if not future.cancelled() else Cancelled("cancelled")
+        log.info("job %s attempt %d on %s: %s", job_id, attempt, model.config.name,
+                 "ok" if exc is None else getattr(exc, "code", type(exc).__name__), extra={"job": job_id})
         if exc is None:
             try:
                 link.send(Command.FINAL, {**base, "result": future.result()})
