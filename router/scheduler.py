@@ -58,8 +58,7 @@ class WorkerState:
         kinds = sorted(self.kinds)
         return {
             "id": self.name,
-            "type": "llm" if kinds == ["text"] else "sd" if kinds == ["image"] else "+".join(
-                {"text": "llm", "image": "sd"}.get(k, k) for k in kinds),
+            "type": "+".join({"text": "llm", "image": "sd"}.get(k, k) for k in kinds) or "none",
             "status": "draining" if self.draining else "busy" if self.running else "idle",
             "current_job": current[0] if current else None,
             "jobs_in_flight": len(self.running),

@@ -23,7 +23,8 @@ async def health(request: web.Request) -> web.Response:
     text_ready = "ready" if "text" in kinds else "unavailable"
     image_ready = "ready" if "image" in kinds else "unavailable"
     body = {
-        "status": "healthy" if workers else "degraded",
+        # degraded: no worker, no model, or some backend/model failed to load (see "failures")
+        "status": "healthy" if kinds and not failures else "degraded",
         "timestamp": _now(),
         "version": __version__,
         "services": {"mesh": "listening" if scheduler.accepting else "draining",
