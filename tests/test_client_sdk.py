@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import struct
@@ -185,12 +186,31 @@ def test_image_result_parsing():
     assert ImageResult({"images": [], "info": "not json"}).info == "not json"
 
 
+def image_routes_available() -> str | None:
+    """Why images cannot be tested here, or None when they can."""
+    if importlib.util.find_spec("velesio.router.a1111_routes") is None:
+        return "the router has no AUTOMATIC1111 routes (velesio.router.a1111_routes is not installed)"
+    if importlib.util.find_spec("diffusers") is None:
+        return "the diffusers backend is not installed"
+    return None
+
+
 @pytest.fixture(scope="module")
-def image_client(client) -> Client:
-    image_models = client.models()["image_models"]
-    if not image_models:
-        pytest.skip("no image model is live on the test router (/models lists no image_models)")
-    return client
+def image_client(client, start_router, start_worker) -> Client:
+    """The session router when it has an image model; else a router of its own with the embedded tiny-sd."""
+    if client.models()["image_models"]:
+        return client
+    reason = image_routes_available()
+    if reason:
+        pytest.skip(f"no image model is live on the test router, and {reason}")
+    router = start_router()
+    start_worker(router, "image-1", [{"name": "tiny-sd", "backend": "diffusers", "slots": 1,
+                                      "options": {"embedded": True}}], wait=False)
+    router.wait_workers({"image-1"}, timeout=240)
+    image_client = Client(router.url, router.token, timeout=240, max_retries=0)
+    if not image_client.models()["image_models"]:
+        pytest.skip("the image worker registered but /models lists no image model")
+    return image_client
 
 
 def test_txt2img_and_img2img(image_client):
@@ -206,3 +226,16 @@ def test_txt2img_and_img2img(image_client):
     except ImportError:
         return
     assert pil[0].size == (64, 64) and io.BytesIO(again.images[0]).read(4) == b"\x89PNG"
+
+
+async def test_async_txt2img_and_img2img_from_pil(image_client):
+    async with AsyncClient(image_client.base_url, image_client.token, max_retries=0) as aclient:
+        r = await aclient.txt2img("a red square", width=96, height=64, steps=2, seed=7, batch_size=2)
+        assert len(r.images) == 2 and all(_png_size(png) == (96, 64) for png in r.images)
+        assert r.info["all_seeds"][:2] == [7, 8] or r.info["seed"] == 7
+        try:
+            init = r.pil_images()[0]  # a PIL image is accepted as init image
+        except ImportError:
+            init = r.images[0]
+        again = await aclient.img2img(init, "a blue square", width=96, height=64, steps=2)
+        assert _png_size(again.images[0]) == (96, 64)

@@ -1,5 +1,7 @@
 // The client against real velesio-router and velesio-worker processes that this file starts on loopback.
 // VELESIO_BIN: the folder holding the console scripts (default: the repository's .venv/bin).
+// VELESIO_TEST_IMAGES=1 also starts a worker serving the embedded tiny-sd image model (needs the diffusers
+// backend and the router's AUTOMATIC1111 routes); without it the image test is skipped.
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -90,7 +92,15 @@ before(async () => {
   writeFileSync(workerCfg, `worker:\n  models:\n    - name: ${MODEL}\n      backend: llama-cpp\n      slots: 1\n`
     + '      options: {n_ctx: 2048, n_threads: 1}\n');
   start('worker', ['velesio-worker', '--router', mesh.mesh, '--config', workerCfg, '--name', 'js-text-1']);
-  await waitHealth(mesh, (h) => h.workers.some((w) => w.id === 'js-text-1'));
+  const names = ['js-text-1'];
+  if (process.env.VELESIO_TEST_IMAGES === '1') {
+    const imageCfg = join(tmp, 'image-worker.yaml');
+    writeFileSync(imageCfg, 'worker:\n  models:\n'
+      + '    - {name: tiny-sd, backend: diffusers, slots: 1, options: {embedded: true}}\n');
+    start('image-worker', ['velesio-worker', '--router', mesh.mesh, '--config', imageCfg, '--name', 'js-image-1']);
+    names.push('js-image-1');
+  }
+  await waitHealth(mesh, (h) => names.every((name) => h.workers.some((w) => w.id === name)), 240000);
   await waitHealth(narrow, () => true);
   client = new VelesioClient(mesh.url, TOKEN, { maxRetries: 0 });
 });
