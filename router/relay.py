@@ -28,8 +28,39 @@ class Renderer(Protocol):
     def error(self, err: ApiError) -> list[dict[str, Any]]: ...
 
 
+try:  # optional (pip install orjson): the same compact UTF-8 JSON several times faster
+    import orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    orjson = None
+
+_ORJSON_OPTS = orjson.OPT_NON_STR_KEYS if orjson is not None else 0
+
+
+def dumps_bytes(obj: Any) -> bytes:
+    """Compact JSON as UTF-8 bytes. With orjson installed it writes the same JSON text as ``json.dumps``
+    but for two corners: a float exponent has no leading zero (``2e-7`` for ``2e-07``) and NaN or infinity
+    is ``null`` (``json`` writes ``NaN``, which is not JSON). What orjson refuses (integers beyond 64 bits,
+    lone surrogates, nesting deeper than 255) goes through ``json``, so what succeeds or fails is unchanged."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(obj, option=_ORJSON_OPTS)
+        except TypeError:
+            pass
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 def dumps(obj: Any) -> str:
+    if orjson is not None:
+        try:
+            return orjson.dumps(obj, option=_ORJSON_OPTS).decode()
+        except TypeError:
+            pass
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def sse(event: Any) -> bytes:
+    """One SSE event: ``data: <json>`` and a blank line."""
+    return b"data: " + dumps_bytes(event) + b"\n\n"
 
 
 async def submit(request: web.Request, job: Job) -> JobRecord:
@@ -66,7 +97,7 @@ async def respond(request: web.Request, job: Job, renderer: Renderer) -> web.Str
     try:
         await response.prepare(request)
         for event in renderer.start():
-            await response.write(f"data: {dumps(event)}\n\n".encode())
+            await response.write(sse(event))
         while True:
             kind, payload = await rec.events.get()
             if kind == "partial":
@@ -76,7 +107,7 @@ async def respond(request: web.Request, job: Job, renderer: Renderer) -> web.Str
             else:
                 events = renderer.error(payload)
             for event in events:
-                await response.write(f"data: {dumps(event)}\n\n".encode())
+                await response.write(sse(event))
             if kind != "partial":
                 break
         if renderer.done_marker:
