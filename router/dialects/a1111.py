@@ -1,0 +1,501 @@
+"""The AUTOMATIC1111 (stable-diffusion-webui) API shapes: request parsing and validation for
+``/sdapi/v1/txt2img`` and ``/sdapi/v1/img2img``, and the response, ``info``, model, options and progress
+bodies. No aiohttp here; router/a1111_routes.py holds the handlers.
+
+Defaults follow the seed's API reference where it names one (steps 20, cfg_scale 7.5, sampler "Euler a",
+seed -1, 512×512); every other field follows A1111 (docs/images.md, "The A1111 API"). Unknown fields are
+accepted and ignored, as A1111 does (``webuiapi`` sends many). Fields we cannot honour (hires fix, face
+restoration, tiling, styles, scripts, variation seeds) are accepted and named in ``info.notes``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+import json
+import random
+import re
+import time
+from typing import Any
+
+from velesio.backends import samplers as _samplers
+
+from ..errors import invalid
+from ..validation import get_bool, get_float, get_int, get_str
+
+# Used when a model advertises no limits (a third-party image backend); the diffusers backend's defaults.
+DEFAULT_LIMITS: dict[str, int] = {
+    "max_width": 1024,
+    "max_height": 1024,
+    "max_pixels": 1024 * 1024,
+    "max_steps": 150,
+    "max_batch": 8,
+    "max_iter": 100,
+}
+MIN_SIDE = 64  # A1111's smallest width/height
+CFG_RANGE = (0.0, 30.0)  # A1111's slider is 1..30; 0 is allowed for guidance-free (distilled) models
+MAX_SEED = 2**63 - 1
+MAX_INIT_IMAGES = 64
+MAX_IMAGE_SIDE = 8192  # a larger init image or mask is refused before it is decoded
+
+# The request echo ("parameters") starts from these, the seed's defaults where it has one, else A1111's.
+TXT2IMG_DEFAULTS: dict[str, Any] = {
+    "prompt": "", "negative_prompt": "", "styles": None, "seed": -1, "subseed": -1, "subseed_strength": 0,
+    "seed_resize_from_h": -1, "seed_resize_from_w": -1, "sampler_name": None, "scheduler": None,
+    "batch_size": 1, "n_iter": 1, "steps": 20, "cfg_scale": 7.5, "width": 512, "height": 512,
+    "restore_faces": None, "tiling": None, "do_not_save_samples": False, "do_not_save_grid": False,
+    "eta": None, "denoising_strength": None, "s_min_uncond": None, "s_churn": None, "s_tmax": None,
+    "s_tmin": None, "s_noise": None, "override_settings": None, "override_settings_restore_afterwards": True,
+    "refiner_checkpoint": None, "refiner_switch_at": None, "disable_extra_networks": False, "comments": None,
+    "enable_hr": False, "firstphase_width": 0, "firstphase_height": 0, "hr_scale": 2.0, "hr_upscaler": None,
+    "hr_second_pass_steps": 0, "hr_resize_x": 0, "hr_resize_y": 0, "hr_checkpoint_name": None,
+    "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "", "hr_negative_prompt": "",
+    "force_task_id": None, "sampler_index": "Euler a", "script_name": None, "script_args": [],
+    "send_images": True, "save_images": False, "alwayson_scripts": {}, "infotext": None,
+}
+_TXT2IMG_ONLY = ("enable_hr", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
+                 "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
+                 "hr_scheduler", "hr_prompt", "hr_negative_prompt")
+IMG2IMG_DEFAULTS: dict[str, Any] = {
+    **{k: v for k, v in TXT2IMG_DEFAULTS.items() if k not in _TXT2IMG_ONLY},
+    "init_images": None, "resize_mode": 0, "image_cfg_scale": None, "mask": None, "mask_blur_x": 4,
+    "mask_blur_y": 4, "mask_blur": None, "mask_round": True, "inpainting_fill": 0, "inpaint_full_res": True,
+    "inpaint_full_res_padding": 0, "inpainting_mask_invert": 0, "initial_noise_multiplier": None,
+    "latent_mask": None, "include_init_images": False, "denoising_strength": 0.75,
+}
+
+# GET /sdapi/v1/options: what an A1111 client may read; POSTed keys are stored over these.
+OPTION_DEFAULTS: dict[str, Any] = {
+    "samples_format": "png",
+    "grid_format": "png",
+    "sd_vae": "Automatic",
+    "CLIP_stop_at_last_layers": 1,
+    "eta_ddim": 0.0,
+    "eta_ancestral": 1.0,
+    "return_grid": False,
+    "enable_pnginfo": True,
+    "sd_checkpoints_limit": 1,
+    "samples_save": False,
+    "outdir_samples": "",
+    "show_progress_every_n_steps": 0,
+    "live_previews_enable": False,
+}
+MAX_STORED_OPTIONS = 256
+
+
+@dataclasses.dataclass
+class ImageRequest:
+    """A parsed txt2img / img2img request: the job params before the model is known, and what the
+    response needs besides the job's result."""
+
+    op: str
+    params: dict[str, Any]
+    echo: dict[str, Any]
+    model: str | None  # requested model (name or title), None for the caller's default
+    model_field: str  # the field that named it, for errors
+    notes: list[str]
+    styles: list[str]
+    restore_faces: bool
+    subseed_strength: float
+    seed_resize: tuple[int, int]
+    clip_skip: int
+    job_timestamp: str
+
+
+# ---- images -------------------------------------------------------------------------------------
+_DATA_URI = re.compile(r"^data:[^,]{0,200},", re.S)
+_WS = re.compile(r"\s+")
+
+
+def decode_image(value: Any, field: str) -> bytes:
+    """The bytes of a base64 image (a ``data:image/...;base64,`` prefix allowed), checked to be a
+    decodable image; 400 naming ``field`` otherwise."""
+    if not isinstance(value, str) or not value.strip():
+        raise invalid(field, "must be a base64-encoded image")
+    text = _DATA_URI.sub("", value.strip(), count=1)
+    text = _WS.sub("", text)
+    if len(text) % 4:
+        text += "=" * (-len(text) % 4)
+    if "-" in text or "_" in text:  # the URL-safe alphabet
+        text = text.replace("-", "+").replace("_", "/")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid(field, "is not valid base64") from None
+    if not data:
+        raise invalid(field, "is empty")
+    check_image(data, field)
+    return data
+
+
+def check_image(data: bytes, field: str) -> None:
+    """Decode ``data`` with Pillow when the router has it, else check for a known image signature."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:  # the router's base install has no Pillow; the worker decodes it again
+        if not _sniff(data):
+            raise invalid(field, "is not a PNG, JPEG, WebP, GIF or BMP image") from None
+        return
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if w < 1 or h < 1 or w > MAX_IMAGE_SIDE or h > MAX_IMAGE_SIDE:
+                raise invalid(field, f"image size {w}x{h} is outside 1..{MAX_IMAGE_SIDE} pixels per side")
+            img.load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError,
+            Image.DecompressionBombError) as exc:
+        raise invalid(field, f"is not a decodable image ({type(exc).__name__})") from None
+
+
+def _sniff(data: bytes) -> bool:
+    return (data.startswith(b"\x89PNG\r\n\x1a\n") or data.startswith(b"\xff\xd8\xff")
+            or data.startswith((b"GIF87a", b"GIF89a")) or data.startswith(b"BM")
+            or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"))
+
+
+# ---- parsing ------------------------------------------------------------------------------------
+def _truthy(value: Any) -> bool:
+    return bool(value) and value not in ("0", "false", "False", "none", "None")
+
+
+def _override_settings(body: dict[str, Any]) -> dict[str, Any]:
+    value = body.get("override_settings")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise invalid("override_settings", "must be an object")
+    return value
+
+
+def parse(op: str, body: dict[str, Any], options: dict[str, Any] | None = None) -> ImageRequest:
+    """Validate everything that does not depend on the model (see :func:`check_limits` for the rest).
+    ``options`` are the caller's stored /sdapi/v1/options (default model, clip skip)."""
+    options = options or {}
+    notes: list[str] = []
+    overrides = _override_settings(body)
+
+    prompt = get_str(body, "prompt", "")
+    negative = get_str(body, "negative_prompt", "")
+    width = get_int(body, "width", 512)
+    height = get_int(body, "height", 512)
+    for name, side in (("width", width), ("height", height)):
+        if side < MIN_SIDE:
+            raise invalid(name, f"must be at least {MIN_SIDE}, got {side}")
+        if side % 8:
+            raise invalid(name, f"must be a multiple of 8, got {side} (try {side - side % 8 or 8})")
+    steps = get_int(body, "steps", 20)
+    if steps < 1:
+        raise invalid("steps", f"must be at least 1, got {steps}")
+    cfg_scale = get_float(body, "cfg_scale", 7.5, lo=CFG_RANGE[0], hi=CFG_RANGE[1])
+    batch_size = get_int(body, "batch_size", 1)
+    if batch_size < 1:
+        raise invalid("batch_size", f"must be at least 1, got {batch_size}")
+    n_iter = get_int(body, "n_iter", 1)
+    if n_iter < 1:
+        raise invalid("n_iter", f"must be at least 1, got {n_iter}")
+
+    sampler_field = "sampler_name" if body.get("sampler_name") not in (None, "") else "sampler_index"
+    requested_sampler = get_str(body, sampler_field, None)
+    sampler = _samplers.resolve_sampler(requested_sampler)
+    if sampler is None:
+        raise invalid(sampler_field, f"unknown sampler {requested_sampler!r}; valid samplers: "
+                                     f"{', '.join(_samplers.sampler_names())}")
+    requested_scheduler = get_str(body, "scheduler", None)
+    scheduler = _samplers.resolve_scheduler(requested_scheduler)
+    if scheduler is None:
+        raise invalid("scheduler", f"unknown scheduler {requested_scheduler!r}; valid schedulers: "
+                                   f"{', '.join(s['name'] for s in _samplers.SCHEDULERS)}")
+
+    seed = get_int(body, "seed", -1, lo=-MAX_SEED, hi=MAX_SEED)
+    if seed < 0:
+        seed = random.randrange(2**32)
+    subseed = get_int(body, "subseed", -1, lo=-MAX_SEED, hi=MAX_SEED)
+    if subseed < 0:
+        subseed = random.randrange(2**32)
+    subseed_strength = get_float(body, "subseed_strength", 0.0, lo=0.0, hi=1.0)
+    if subseed_strength > 0:
+        notes.append("subseed_strength ignored: variation seeds are not supported")
+    seed_resize = (get_int(body, "seed_resize_from_w", -1), get_int(body, "seed_resize_from_h", -1))
+    if seed_resize[0] > 0 and seed_resize[1] > 0 and seed_resize != (width, height):
+        notes.append("seed_resize_from_w/h ignored: resizing seeds is not supported")
+
+    denoising = get_float(body, "denoising_strength", 0.75 if op == "img2img" else None, lo=0.0, hi=1.0)
+    send_images = get_bool(body, "send_images", True)
+
+    clip_skip = get_int(overrides, "CLIP_stop_at_last_layers", None, lo=1, hi=12)
+    if clip_skip is None:
+        clip_skip = get_int(body, "clip_skip", None, lo=1, hi=12)
+    if clip_skip is None:
+        stored = options.get("CLIP_stop_at_last_layers")
+        clip_skip = stored if isinstance(stored, int) and not isinstance(stored, bool) and 1 <= stored <= 12 else 1
+
+    styles = body.get("styles")
+    if styles is None:
+        styles = []
+    if not isinstance(styles, list) or not all(isinstance(s, str) for s in styles):
+        raise invalid("styles", "must be an array of style names")
+    if styles:
+        notes.append("styles ignored: prompt styles are not supported")
+    restore_faces = _truthy(body.get("restore_faces"))
+    if restore_faces:
+        notes.append("restore_faces ignored: face restoration is not supported")
+    if _truthy(body.get("tiling")):
+        notes.append("tiling ignored: tiling is not supported")
+    if op == "txt2img" and _truthy(body.get("enable_hr")):
+        notes.append(f"enable_hr ignored: hires fix is not supported; the image is {width}x{height}")
+    if body.get("script_name"):
+        notes.append(f"script_name ignored: scripts are not supported ({str(body['script_name'])[:80]})")
+    if isinstance(body.get("alwayson_scripts"), dict) and body["alwayson_scripts"]:
+        notes.append("alwayson_scripts ignored: scripts are not supported ("
+                     + ", ".join(sorted(str(k) for k in body["alwayson_scripts"]))[:200] + ")")
+    ignored = sorted(k for k in overrides if k not in ("sd_model_checkpoint", "CLIP_stop_at_last_layers",
+                                                       "samples_format"))
+    if ignored:
+        notes.append("override_settings ignored: " + ", ".join(str(k) for k in ignored)[:200])
+    fmt = overrides.get("samples_format")
+    if fmt not in (None, "png"):
+        raise invalid("override_settings.samples_format", "only png is supported")
+
+    model_field, model = "model", None
+    if overrides.get("sd_model_checkpoint") not in (None, ""):
+        model_field = "override_settings.sd_model_checkpoint"
+        model = get_str(overrides, "sd_model_checkpoint")
+    elif body.get("model") not in (None, ""):
+        model = get_str(body, "model")
+
+    params: dict[str, Any] = {
+        "prompt": prompt, "negative_prompt": negative, "width": width, "height": height, "steps": steps,
+        "cfg_scale": cfg_scale, "sampler_name": sampler, "scheduler": scheduler, "seed": seed,
+        "subseed": subseed, "batch_size": batch_size, "n_iter": n_iter, "send_images": send_images,
+    }
+    if clip_skip > 1:
+        params["clip_skip"] = clip_skip
+    eta = get_float(body, "eta", None, lo=0.0, hi=10.0)
+    if eta is not None:
+        params["eta"] = eta
+
+    defaults = IMG2IMG_DEFAULTS if op == "img2img" else TXT2IMG_DEFAULTS
+    echo = {**defaults, **{k: body[k] for k in defaults if k in body}}
+    if op == "img2img":
+        params["denoising_strength"] = denoising
+        raw = body.get("init_images")
+        if raw is None or raw == [] or raw == "":
+            raise invalid("init_images", "img2img needs at least one image (a list of base64 strings)")
+        if isinstance(raw, str):
+            raw = [raw]
+        if not isinstance(raw, list):
+            raise invalid("init_images", "must be an array of base64-encoded images")
+        if len(raw) > MAX_INIT_IMAGES:
+            raise invalid("init_images", f"at most {MAX_INIT_IMAGES} images")
+        params["init_images"] = [decode_image(v, f"init_images[{i}]") for i, v in enumerate(raw)]
+        mask = body.get("mask")
+        params["mask"] = None if mask in (None, "") else decode_image(mask, "mask")
+        if params["mask"] is not None:
+            params["inpainting_mask_invert"] = 1 if _truthy(body.get("inpainting_mask_invert")) else 0
+            blur = body.get("mask_blur")
+            if blur is None:
+                blur = body.get("mask_blur_x", 4)
+            params["mask_blur"] = get_int({"mask_blur": blur}, "mask_blur", 4, lo=0, hi=256)
+        if get_int(body, "resize_mode", 0) != 0:
+            notes.append("resize_mode ignored: init images are stretched to width x height")
+        if not get_bool(body, "include_init_images", False):
+            echo["init_images"] = None
+            echo["mask"] = None
+    return ImageRequest(op=op, params=params, echo=echo, model=model, model_field=model_field, notes=notes,
+                        styles=list(styles), restore_faces=restore_faces, subseed_strength=subseed_strength,
+                        seed_resize=seed_resize, clip_skip=clip_skip,
+                        job_timestamp=time.strftime("%Y%m%d%H%M%S"))
+
+
+def limits(meta: dict[str, Any] | None) -> dict[str, int]:
+    meta = meta or {}
+    out = dict(DEFAULT_LIMITS)
+    for key in out:
+        value = meta.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            out[key] = value
+    return out
+
+
+def check_limits(req: ImageRequest, model: str, meta: dict[str, Any] | None) -> None:
+    """Refuse, before dispatch, what the chosen model advertises it cannot do."""
+    lim = limits(meta)
+    p = req.params
+    for name, key in (("width", "max_width"), ("height", "max_height")):
+        if p[name] > lim[key]:
+            raise invalid(name, f"must be <= {lim[key]} for model '{model}', got {p[name]}")
+    if p["width"] * p["height"] > lim["max_pixels"]:
+        raise invalid("width", f"width x height must be <= {lim['max_pixels']} pixels for model '{model}', "
+                               f"got {p['width']}x{p['height']}")
+    if p["steps"] > lim["max_steps"]:
+        raise invalid("steps", f"must be between 1 and {lim['max_steps']} for model '{model}', got {p['steps']}")
+    if p["batch_size"] > lim["max_batch"]:
+        raise invalid("batch_size", f"must be between 1 and {lim['max_batch']} for model '{model}', "
+                                    f"got {p['batch_size']}")
+    if p["n_iter"] > lim["max_iter"]:
+        raise invalid("n_iter", f"must be between 1 and {lim['max_iter']} for model '{model}', got {p['n_iter']}")
+    offered = (meta or {}).get("samplers")
+    if isinstance(offered, list) and offered and p["sampler_name"] not in offered:
+        raise invalid("sampler_name", f"model '{model}' does not offer sampler {p['sampler_name']!r}; "
+                                      f"valid samplers: {', '.join(map(str, offered))}")
+
+
+# ---- models -------------------------------------------------------------------------------------
+def model_hash(meta: dict[str, Any]) -> str | None:
+    value = meta.get("hash")
+    return str(value) if value else None
+
+
+def titles(image_models: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """model name -> A1111 title: the model's advertised title ("file [hash]") when no other live image
+    model has the same one, else "name [hash]" (titles are how A1111 clients name checkpoints)."""
+    advertised: dict[str, str] = {}
+    for name, info in image_models.items():
+        meta = info.get("meta") or {}
+        h = model_hash(meta)
+        advertised[name] = str(meta.get("title") or (f"{name} [{h}]" if h else name))
+    counts: dict[str, int] = {}
+    for title in advertised.values():
+        counts[title] = counts.get(title, 0) + 1
+    out = {}
+    for name, title in advertised.items():
+        if counts[title] > 1:
+            h = model_hash(image_models[name].get("meta") or {})
+            title = f"{name} [{h}]" if h else name
+        out[name] = title
+    return out
+
+
+def match_model(requested: str, image_models: dict[str, dict[str, Any]]) -> str | None:
+    """The model a client names: its name, its title, its advertised title, the title without the hash,
+    its file name or its hash; exact first, then case-insensitive."""
+    if requested in image_models:
+        return requested
+    named = titles(image_models)
+    keys: list[tuple[str, str]] = []
+    for name, info in image_models.items():
+        meta = info.get("meta") or {}
+        candidates = [named[name], str(meta.get("title") or ""), str(meta.get("model_name") or "")]
+        candidates += [c.rsplit(" [", 1)[0] for c in candidates if c.endswith("]")]
+        filename = str(meta.get("filename") or "")
+        if filename:
+            base = re.split(r"[\\/]", filename.rstrip("/\\"))[-1]
+            candidates += [filename, base, base.rsplit(".", 1)[0]]
+        h = model_hash(meta)
+        if h:
+            candidates.append(h)
+        keys += [(c, name) for c in candidates if c]
+    for exact in (True, False):
+        for key, name in keys:
+            if (key == requested) if exact else (key.lower() == requested.strip().lower()):
+                return name
+    return None
+
+
+def sd_model_entry(name: str, title: str, meta: dict[str, Any]) -> dict[str, Any]:
+    h = model_hash(meta)
+    return {"title": title, "model_name": name, "hash": h, "sha256": meta.get("sha256") or h,
+            "filename": meta.get("filename") or name, "config": None}
+
+
+# ---- responses ----------------------------------------------------------------------------------
+def render(req: ImageRequest, result: dict[str, Any], model: str, meta: dict[str, Any] | None) -> dict[str, Any]:
+    """The A1111 response: raw base64 PNGs, the request echo, and ``info`` as a JSON string."""
+    meta = meta or {}
+    p = req.params
+    images = [base64.b64encode(bytes(b)).decode("ascii") for b in result.get("images") or []]
+    seeds = [int(s) for s in result.get("seeds") or []]
+    subseeds = [int(s) for s in result.get("subseeds") or []]
+    n = len(seeds)
+    prompt = result.get("prompt", p["prompt"])
+    negative = result.get("negative_prompt", p["negative_prompt"])
+    notes = list(req.notes) + [str(x) for x in result.get("notes") or [] if str(x) not in req.notes]
+    scheduler = result.get("scheduler", p["scheduler"])
+    extra: dict[str, Any] = {}
+    if scheduler and scheduler != "automatic":
+        extra["Schedule type"] = next((s["label"] for s in _samplers.SCHEDULERS if s["name"] == scheduler),
+                                      scheduler)
+    denoising = result.get("denoising_strength", p.get("denoising_strength")) if req.op == "img2img" else None
+    info = {
+        "prompt": prompt,
+        "all_prompts": [prompt] * n,
+        "negative_prompt": negative,
+        "all_negative_prompts": [negative] * n,
+        "seed": seeds[0] if seeds else p["seed"],
+        "all_seeds": seeds,
+        "subseed": subseeds[0] if subseeds else p["subseed"],
+        "all_subseeds": subseeds,
+        "subseed_strength": req.subseed_strength,
+        "width": result.get("width", p["width"]),
+        "height": result.get("height", p["height"]),
+        "sampler_name": result.get("sampler_name", p["sampler_name"]),
+        "scheduler": scheduler,
+        "cfg_scale": result.get("cfg_scale", p["cfg_scale"]),
+        "steps": result.get("steps", p["steps"]),
+        "batch_size": result.get("batch_size", p["batch_size"]),
+        "restore_faces": req.restore_faces,
+        "face_restoration_model": None,
+        "sd_model_name": result.get("model") or model,
+        "sd_model_hash": result.get("model_hash") or model_hash(meta),
+        "sd_vae_name": None,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": req.seed_resize[0],
+        "seed_resize_from_h": req.seed_resize[1],
+        "denoising_strength": denoising,
+        "extra_generation_params": extra,
+        "index_of_first_image": 0,
+        "infotexts": [str(t) for t in result.get("infotexts") or []],
+        "styles": req.styles,
+        "job_timestamp": req.job_timestamp,
+        "clip_skip": req.clip_skip,
+        "is_using_inpainting_conditioning": False,
+        "version": "velesio",
+        "n_iter": result.get("n_iter", p["n_iter"]),
+        "interrupted": bool(result.get("interrupted")),
+        "notes": notes,
+    }
+    return {"images": images, "parameters": req.echo, "info": json.dumps(info, ensure_ascii=False)}
+
+
+def empty_result(req: ImageRequest) -> dict[str, Any]:
+    """The result of a job interrupted before it produced anything."""
+    return {"images": [], "seeds": [], "subseeds": [], "infotexts": [], "interrupted": True,
+            "notes": ["interrupted before any image was made"]}
+
+
+def idle_state() -> dict[str, Any]:
+    return {"skipped": False, "interrupted": False, "job": "", "job_count": 0, "job_timestamp": "0",
+            "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
+
+
+def progress_body(op: str | None, params: dict[str, Any] | None, chunk: dict[str, Any] | None,
+                  started: float | None, job_timestamp: str = "0", interrupted: bool = False,
+                  queued_ahead: int = 0, now: float | None = None) -> dict[str, Any]:
+    """/sdapi/v1/progress from one job's latest progress chunk ``{step, steps, image, images}``.
+
+    As in A1111, ``job_count`` is the job's number of passes (``n_iter``) and ``job_no`` the pass in
+    progress; ``progress`` = (passes done + step/steps of this pass) / passes."""
+    state = idle_state()
+    if op is None or params is None:
+        return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+    n_iter = max(1, int(params.get("n_iter") or 1))
+    batch = max(1, int(params.get("batch_size") or 1))
+    chunk = chunk or {}
+    steps = int(chunk.get("steps") or 0)
+    step = min(int(chunk.get("step") or 0), steps) if steps else 0
+    job_no = min(n_iter - 1, int(chunk.get("image") or 0) // batch) if chunk else 0
+    progress = (job_no + (step / steps if steps else 0.0)) / n_iter if chunk else 0.0
+    progress = max(0.0, min(1.0, progress))
+    now = time.time() if now is None else now
+    elapsed = max(0.0, now - started) if started else 0.0
+    eta = elapsed / progress - elapsed if progress > 0 else 0.0
+    state.update(job=op, job_count=n_iter, job_timestamp=job_timestamp, job_no=job_no, sampling_step=step,
+                 sampling_steps=steps, interrupted=interrupted)
+    if not chunk:
+        textinfo = "Waiting for a worker" + (f" ({queued_ahead} job(s) ahead)" if queued_ahead else "")
+    else:
+        textinfo = f"Pass {job_no + 1}/{n_iter}, step {step}/{steps}"
+    return {"progress": round(progress, 6), "eta_relative": round(eta, 3), "state": state,
+            "current_image": None, "textinfo": textinfo}
