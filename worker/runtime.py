@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import os
@@ -23,6 +24,8 @@ from velesio.mesh.protocol import Command
 from .models import LoadedModel, device_info
 
 log = logging.getLogger("velesio.worker")
+
+COPY_THRESHOLD = 65536  # frames smaller than this are copied into ZeroMQ (cheaper than tracking them)
 
 
 class Worker:
@@ -103,8 +106,7 @@ class Worker:
         def emit(chunk: dict[str, Any]) -> None:
             ctx.progress_n += 1  # reported in heartbeats: the router's proof that the job is not stuck
             if job.stream or "step" in chunk:
-                loop.call_soon_threadsafe(link.send, Command.PARTIAL, {"job": job.id, "attempt": job.attempt,
-                                                                       "chunk": chunk})
+                link.post(loop, Command.PARTIAL, {"job": job.id, "attempt": job.attempt, "chunk": chunk})
 
         ctx = JobContext(job, emit)
         self.running[key] = (ctx, link)
@@ -150,17 +152,69 @@ class RouterLink:
         self.sock: zmq.asyncio.Socket | None = None
         self.welcomed = False
         self.last_heard = 0.0
+        self._raw: zmq.Socket | None = None  # the same socket without asyncio's Futures
+        self._generation = 0  # which socket the pending sends belong to
+        self._pending_sends = 0
+        self._outbox: collections.deque[tuple[Command, dict[str, Any]]] = collections.deque()
+        self._flush_scheduled = False
 
     def send(self, command: Command, body: dict[str, Any] | None = None) -> None:
+        """Send now (on the event loop). Messages posted earlier from job threads go first."""
         if self.sock is None:
             return
+        if self._outbox:
+            self._flush()
+        self._send_frame(codec.encode(command, body))
+
+    def post(self, loop: asyncio.AbstractEventLoop, command: Command, body: dict[str, Any]) -> None:
+        """Send from a job's thread. Messages are queued and the event loop, woken once for all that arrive
+        before it runs, sends them in order: a token stream costs one wake-up per batch, not per token."""
+        self._outbox.append((command, body))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False  # before reading the queue: a message posted from now on schedules again
+        outbox = self._outbox
+        while outbox:
+            command, body = outbox.popleft()
+            if self.sock is None:
+                continue
+            try:
+                frame = codec.encode(command, body)
+            except (TypeError, ValueError) as exc:  # a chunk msgpack cannot carry (a backend bug)
+                log.error("dropping a %s that cannot be encoded: %s", command.name, exc)
+                continue
+            self._send_frame(frame)
+
+    def _send_frame(self, frame: bytes) -> None:
+        if self.sock is None or self._raw is None:
+            return
+        if not self._pending_sends:
+            try:
+                self._raw.send(frame, zmq.NOBLOCK, copy=len(frame) < COPY_THRESHOLD)
+                return
+            except zmq.Again:
+                pass  # at the high-water mark: queue behind it, in order, through the asyncio socket
+            except zmq.ZMQError as exc:
+                log.debug("send to %s failed: %s", self.address, exc)
+                return
         try:
-            fut = self.sock.send(codec.encode(command, body), copy=False)
+            fut = self.sock.send(frame, copy=False)
         except zmq.ZMQError as exc:
             log.debug("send to %s failed: %s", self.address, exc)
             return
         if not fut.done():
-            fut.add_done_callback(lambda f: f.exception())
+            self._pending_sends += 1
+            generation = self._generation
+            fut.add_done_callback(lambda f: self._sent(f, generation))
+
+    def _sent(self, fut: asyncio.Future, generation: int) -> None:
+        if generation == self._generation:
+            self._pending_sends -= 1
+        if not fut.cancelled():
+            fut.exception()  # retrieved, so that a failed send is not logged as never retrieved
 
     def _connect(self) -> None:
         self.close()
@@ -174,6 +228,7 @@ class RouterLink:
             self.worker.curve.apply_client(sock)
         sock.connect(self.address)
         self.sock = sock
+        self._raw = zmq.Socket.shadow(sock.underlying)
         self.welcomed = False
         self.last_heard = time.monotonic()
         self.greet()
@@ -194,6 +249,9 @@ class RouterLink:
         if self.sock is not None:
             self.sock.close(0)
             self.sock = None
+            self._raw = None
+            self._generation += 1
+            self._pending_sends = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         interval = self.worker.heartbeat_ms / 1000
