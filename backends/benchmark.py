@@ -25,7 +25,7 @@ class BenchmarkBackend(Backend):
 
     def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
         if self.delay_s:
-            time.sleep(self.delay_s)
+            self._wait(self.delay_s, ctx)
         n = int(job.params.get("max_tokens") or 1)
         if job.stream and n > 1:
             for _ in range(n):
@@ -38,6 +38,18 @@ class BenchmarkBackend(Backend):
         return {"text": text, "finish_reason": "length", "stop_type": "limit", "stopping_word": "",
                 "prompt_tokens": 1, "completion_tokens": n if job.stream else 1,
                 "timings": {"prompt_n": 1, "prompt_ms": 0.0, "predicted_n": n, "predicted_ms": 0.0}}
+
+    @staticmethod
+    def _wait(seconds: float, ctx: JobContext) -> None:
+        """The fixed delay, in slices short enough that a cancelled job (a client gone) stops within 0.25 s."""
+        end = time.monotonic() + seconds
+        while True:
+            if ctx.cancelled:
+                raise Cancelled("cancelled")
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.25))
 
     @classmethod
     def embedded_models(cls) -> list[ModelConfig]:
