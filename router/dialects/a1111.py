@@ -169,6 +169,11 @@ def _override_settings(body: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
+def _prefixed(overrides: dict[str, Any], key: str) -> dict[str, Any]:
+    """``{"override_settings.<key>": value}``, so that a validation error names the field in full."""
+    return {f"override_settings.{key}": overrides[key]} if key in overrides else {}
+
+
 def parse(op: str, body: dict[str, Any], options: dict[str, Any] | None = None) -> ImageRequest:
     """Validate everything that does not depend on the model (see :func:`check_limits` for the rest).
     ``options`` are the caller's stored /sdapi/v1/options (default model, clip skip)."""
@@ -224,7 +229,8 @@ def parse(op: str, body: dict[str, Any], options: dict[str, Any] | None = None) 
     denoising = get_float(body, "denoising_strength", 0.75 if op == "img2img" else None, lo=0.0, hi=1.0)
     send_images = get_bool(body, "send_images", True)
 
-    clip_skip = get_int(overrides, "CLIP_stop_at_last_layers", None, lo=1, hi=12)
+    clip_skip = get_int(_prefixed(overrides, "CLIP_stop_at_last_layers"), "override_settings.CLIP_stop_at_last_layers",
+                        None, lo=1, hi=12)
     if clip_skip is None:
         clip_skip = get_int(body, "clip_skip", None, lo=1, hi=12)
     if clip_skip is None:
@@ -261,7 +267,7 @@ def parse(op: str, body: dict[str, Any], options: dict[str, Any] | None = None) 
     model_field, model = "model", None
     if overrides.get("sd_model_checkpoint") not in (None, ""):
         model_field = "override_settings.sd_model_checkpoint"
-        model = get_str(overrides, "sd_model_checkpoint")
+        model = get_str(_prefixed(overrides, "sd_model_checkpoint"), model_field)
     elif body.get("model") not in (None, ""):
         model = get_str(body, "model")
 
