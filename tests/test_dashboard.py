@@ -141,7 +141,7 @@ def test_chat_streams_into_the_page(page: Page):
             if (last) window.__lengths.push(last.textContent.length);
         }).observe(log, {childList: true, subtree: true, characterData: true});
     }""")
-    page.fill("#chat-max-tokens", "48")
+    page.fill("#chat-max-tokens", "32")
     page.fill("#chat-temperature", "0")
     page.fill("#chat-input", "Write three short sentences about the sea.")
     page.click("#chat-send")
@@ -176,8 +176,23 @@ def test_txt2img_shows_the_image(page: Page, dash):
     expect(page.locator("#img-meta")).to_contain_text("64×64")
 
 
+def test_no_auth_router_opens_without_the_form(browser, start_router):
+    router = start_router(token="", extra_args=["--no-auth"])
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(router.url + "/dashboard")
+        expect(page.locator("#app")).to_be_visible()
+        expect(page.locator("#login")).to_be_hidden()
+        expect(page.locator("#workers-empty")).to_be_visible()
+        expect(page.locator("#mesh-status")).to_have_text("degraded")
+    finally:
+        context.close()
+
+
 def test_screenshot(page: Page, tmp_path: Path):
     expect(page.locator("#app")).to_be_visible()
+    assert not page.js_errors, page.js_errors  # type: ignore[attr-defined]
     page.wait_for_timeout(300)  # let one more poll land
     shot = tmp_path / "dashboard.png"
     page.screenshot(path=str(shot), full_page=True)

@@ -473,7 +473,20 @@
     });
     $("#img-form").addEventListener("submit", sendImage);
     if (getToken()) showApp();
-    else showLogin("");
+    else openWithoutToken();
+  }
+
+  // A router started with --no-auth answers without a token: then there is nothing to ask for.
+  async function openWithoutToken() {
+    try {
+      const response = await fetch("/queue/status", { cache: "no-store" });
+      if (response.ok) {
+        showApp();
+        $("#sign-out").hidden = true;
+        return;
+      }
+    } catch { /* fall through to the form */ }
+    showLogin("");
   }
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
