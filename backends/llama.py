@@ -68,6 +68,10 @@ class LlamaCppBackend(Backend):
         self._embed_lock = threading.Lock()
         if opts.get("embeddings"):
             self._embedder = llama_cpp.Llama(**{**kwargs, "embedding": True})
+        for ctx in list(self._pool.queue):
+            # Touch the weights once now, so the first request does not pay for paging the model in.
+            ctx.eval([ctx.token_bos()])
+            ctx.reset()
         llm = self._pool.queue[0]
         meta = llm.metadata or {}
         self.chat_template = meta.get("tokenizer.chat_template")
