@@ -17,47 +17,39 @@ COPY_THRESHOLD = 65536  # frames smaller than this are copied into ZeroMQ (cheap
 
 
 class Broker:
+    """The ROUTER socket is a plain (non-asyncio) ZeroMQ socket whose file descriptor the event loop watches:
+    every frame that has arrived is read in one go and every send goes straight to ZeroMQ, with no Future
+    and no loop turn per frame (a stream brings thousands of PARTIALs a second). ZeroMQ's descriptor is
+    edge-triggered, so reads go on until ZeroMQ has nothing left, and a send, which may consume the edge of
+    frames that arrived meanwhile, is followed by a look at ZMQ_EVENTS."""
+
     def __init__(self, bind: str, *, curve=None):
         self.bind = bind
         self.curve = curve  # router/curve.py settings, or None for plain TCP
         self.ctx = zmq.asyncio.Context()
-        self.socket: zmq.asyncio.Socket | None = None
+        self.socket: zmq.Socket | None = None
         self.scheduler: Scheduler | None = None
         self._tasks: list[asyncio.Task] = []
-        self._raw: zmq.Socket | None = None  # the same socket without asyncio's Futures
-        self._pending_sends = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd: int | None = None
+        self._read_scheduled = False
 
     def send(self, identity: bytes, frame: bytes) -> None:
-        if self.socket is None:
+        sock = self.socket
+        if sock is None:
             return
-        if not self._pending_sends:
-            # The common case: ZeroMQ takes the frame at once. The plain (non-asyncio) view of the socket
-            # saves the Future the asyncio socket makes for every send.
-            try:
-                self._raw.send_multipart([identity, frame], zmq.NOBLOCK, copy=len(frame) < COPY_THRESHOLD)
-                return
-            except zmq.Again:
-                pass  # the pipe is full: queue behind it, in order, through the asyncio socket
-            except zmq.ZMQError as exc:
-                log.debug("send to %r failed: %s", identity[:32], exc)
-                return
         try:
-            fut = self.socket.send_multipart([identity, frame], copy=False)
+            # A ROUTER socket never blocks: at the high-water mark or for an unknown peer it drops the frame.
+            sock.send_multipart([identity, frame], zmq.NOBLOCK, copy=len(frame) < COPY_THRESHOLD)
         except zmq.ZMQError as exc:
             log.debug("send to %r failed: %s", identity[:32], exc)
             return
-        if not fut.done():
-            self._pending_sends += 1
-            fut.add_done_callback(self._sent)
-
-    def _sent(self, fut: asyncio.Future) -> None:
-        self._pending_sends -= 1
-        if not fut.cancelled():
-            fut.exception()  # retrieved, so that a failed send is not logged as never retrieved
+        if sock.get(zmq.EVENTS) & zmq.POLLIN:
+            self._schedule_read()
 
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
-        sock = self.ctx.socket(zmq.ROUTER)
+        sock = zmq.Socket(self.ctx, zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a worker reconnecting with its identity takes over
         sock.setsockopt(zmq.SNDHWM, 100_000)
@@ -69,24 +61,34 @@ class Broker:
                         "for a single trusted host only (see docs/security.md)", self.bind)
         sock.bind(self.bind)
         self.socket = sock
-        self._raw = zmq.Socket.shadow(sock.underlying)
+        self._loop = asyncio.get_running_loop()
+        self._fd = sock.getsockopt(zmq.FD)
+        self._loop.add_reader(self._fd, self._read)
+        self._schedule_read()  # frames may be waiting already, and the edge is not re-raised for them
         log.info("mesh: ROUTER bound on %s", self.bind)
-        self._tasks = [asyncio.create_task(self._receive(), name="mesh-receive"),
-                       asyncio.create_task(self._timers(), name="mesh-timers")]
+        self._tasks = [asyncio.create_task(self._timers(), name="mesh-timers")]
 
-    async def _receive(self) -> None:
-        assert self.socket is not None and self._raw is not None
-        raw = self._raw
-        while True:
-            self._process(await self.socket.recv_multipart())
-            # Whatever else has arrived is read without a Future and a loop turn per message (streams
-            # bring thousands of PARTIALs a second); bounded, so HTTP handlers get their turn.
-            for _ in range(RECV_BATCH):
-                try:
-                    frames = raw.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._process(frames)
+    def _schedule_read(self) -> None:
+        if not self._read_scheduled and self._loop is not None:
+            self._read_scheduled = True
+            self._loop.call_soon(self._read)
+
+    def _read(self) -> None:
+        """Read what has arrived; at most RECV_BATCH frames per loop turn, so HTTP handlers get theirs."""
+        self._read_scheduled = False
+        for _ in range(RECV_BATCH):
+            sock = self.socket
+            if sock is None:
+                return
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return  # nothing left: ZeroMQ raises the descriptor's edge for the next frame
+            except zmq.ZMQError as exc:
+                log.warning("mesh receive failed: %s", exc)
+                return
+            self._process(frames)
+        self._schedule_read()
 
     def _process(self, frames: list[bytes]) -> None:
         assert self.scheduler is not None
@@ -120,10 +122,12 @@ class Broker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._fd = None
         if self.socket is not None:
             self.socket.close(0)
             self.socket = None
-            self._raw = None
         if self.curve is not None:
             self.curve.stop()
         self.ctx.term()
