@@ -152,9 +152,6 @@ class RouterLink:
         self.sock: zmq.asyncio.Socket | None = None
         self.welcomed = False
         self.last_heard = 0.0
-        self._raw: zmq.Socket | None = None  # the same socket without asyncio's Futures
-        self._generation = 0  # which socket the pending sends belong to
-        self._pending_sends = 0
         self._outbox: collections.deque[tuple[Command, dict[str, Any]]] = collections.deque()
         self._flush_scheduled = False
 
@@ -189,32 +186,15 @@ class RouterLink:
             self._send_frame(frame)
 
     def _send_frame(self, frame: bytes) -> None:
-        if self.sock is None or self._raw is None:
+        if self.sock is None:
             return
-        if not self._pending_sends:
-            try:
-                self._raw.send(frame, zmq.NOBLOCK, copy=len(frame) < COPY_THRESHOLD)
-                return
-            except zmq.Again:
-                pass  # at the high-water mark: queue behind it, in order, through the asyncio socket
-            except zmq.ZMQError as exc:
-                log.debug("send to %s failed: %s", self.address, exc)
-                return
         try:
-            fut = self.sock.send(frame, copy=False)
+            fut = self.sock.send(frame, copy=len(frame) < COPY_THRESHOLD)
         except zmq.ZMQError as exc:
             log.debug("send to %s failed: %s", self.address, exc)
             return
         if not fut.done():
-            self._pending_sends += 1
-            generation = self._generation
-            fut.add_done_callback(lambda f: self._sent(f, generation))
-
-    def _sent(self, fut: asyncio.Future, generation: int) -> None:
-        if generation == self._generation:
-            self._pending_sends -= 1
-        if not fut.cancelled():
-            fut.exception()  # retrieved, so that a failed send is not logged as never retrieved
+            fut.add_done_callback(lambda f: f.exception())
 
     def _connect(self) -> None:
         self.close()
@@ -228,7 +208,6 @@ class RouterLink:
             self.worker.curve.apply_client(sock)
         sock.connect(self.address)
         self.sock = sock
-        self._raw = zmq.Socket.shadow(sock.underlying)
         self.welcomed = False
         self.last_heard = time.monotonic()
         self.greet()
@@ -249,9 +228,6 @@ class RouterLink:
         if self.sock is not None:
             self.sock.close(0)
             self.sock = None
-            self._raw = None
-            self._generation += 1
-            self._pending_sends = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         interval = self.worker.heartbeat_ms / 1000
