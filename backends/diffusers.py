@@ -52,6 +52,8 @@ DEFAULT_LIMITS: dict[str, int] = {
     "max_iter": 100,
 }
 
+_LOAD_LOCK = threading.Lock()
+
 _DTYPES = {
     "float16": "float16", "fp16": "float16", "half": "float16",
     "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -284,7 +286,9 @@ class DiffusersBackend(Backend):
             # slow it down many times over on a busy host.
             self.threads = 1
         t0 = time.perf_counter()
-        with tiny_sd.quiet():
+        # Building pipelines is not thread-safe (meta-tensor initialisation), and a worker loads its models
+        # in parallel threads: one pipeline at a time.
+        with _LOAD_LOCK, tiny_sd.quiet():
             if embedded:
                 source = tiny_sd.ensure(opts.get("cache_dir"))
                 pipe = tiny_sd.load(opts.get("cache_dir"), torch_dtype=dtype)
@@ -521,8 +525,11 @@ class DiffusersBackend(Backend):
         }
         if req["clip_skip"] is not None:
             clip_skip = int(req["clip_skip"])  # A1111 counts the last layer as 1; diffusers counts skipped ones
-            if clip_skip > 1:
+            if clip_skip > 1 and hasattr(getattr(pipe, "text_encoder", None), "text_model"):
                 call["clip_skip"] = clip_skip - 1
+            elif clip_skip > 1:
+                # diffusers' clip_skip reads text_encoder.text_model, which newer transformers' CLIP lacks.
+                notes.append(f"clip_skip {clip_skip} is not supported with this transformers version; ignored")
         if req["eta"] is not None and req["sampler_name"] == "DDIM":
             call["eta"] = float(req["eta"])
         effective = steps

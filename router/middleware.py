@@ -21,6 +21,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Paths answered without a token: liveness probes (LLM for Unity v3 polls POST /health) and CORS preflights.
 PUBLIC_PATHS = {"/health", "/v1/health"}
 
+# Paths that need a token but do not count against its rate limits.
+UNMETERED_PATHS = {"/sdapi/v1/progress"}
+
 # Paths whose errors use llama.cpp's shape (integer code) unless a handler says otherwise.
 LLAMACPP_PATHS = {"/tokenize", "/detokenize", "/template", "/apply-template", "/props", "/embeddings", "/slots",
                   "/infill", "/v1/embeddings"}
@@ -153,6 +156,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         request["token_name"] = name
     else:
         request["token_name"] = "anonymous"
+    if request.path in UNMETERED_PATHS:  # status polls (A1111 UIs poll progress twice a second)
+        return await handler(request)
     limiter = request.app[RATE_LIMITER]
     async with limiter.admit(request["token_name"]) as headers:
         request["rate_headers"] = headers

@@ -121,6 +121,8 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
     router.tokens = tokens
     router.rate_limit = _fill(TokenLimits, rate_raw, "router.rate_limit")
     router.token_limits = {str(k): _fill(TokenLimits, v, f"router.token_limits.{k}") for k, v in limits_raw.items()}
+    if router.options_scope not in ("token", "global"):
+        raise ConfigError(f"router.options_scope: 'token' or 'global', not {router.options_scope!r}")
     worker = _fill(WorkerConfig, raw.get("worker"), "worker")
     if isinstance(worker.routers, str):
         worker.routers = [worker.routers]
