@@ -34,7 +34,7 @@ from velesio.mesh.jobs import Job
 
 from .dialects import a1111
 from .errors import ApiError, invalid
-from .keys import CONFIG, SCHEDULER
+from .keys import CONFIG, SCHEDULER, TOKEN_NAME
 from .relay import dumps, result_of
 from .validation import get_int, get_str, read_json
 
@@ -61,13 +61,13 @@ class A1111State:
         self.jobs: dict[str, Tracked] = {}
 
     def key(self, request: web.Request) -> str:
-        return "*" if self.scope == "global" else str(request.get("token_name") or "anonymous")
+        return "*" if self.scope == "global" else str(request.get(TOKEN_NAME) or "anonymous")
 
     def options_of(self, request: web.Request) -> dict[str, Any]:
         return self.options.get(self.key(request), {})
 
     def jobs_of(self, request: web.Request) -> list[Tracked]:
-        token = str(request.get("token_name") or "anonymous")
+        token = str(request.get(TOKEN_NAME) or "anonymous")
         return sorted((t for t in self.jobs.values() if t.token == token), key=lambda t: t.started)
 
 
@@ -133,7 +133,7 @@ async def _generate(request: web.Request, op: str) -> web.Response:
     meta = (scheduler.model_info(model) or {}).get("meta") or {}
     a1111.check_limits(req, model, meta)
     job = Job(op=op, model=model, params=req.params)
-    tracked = Tracked(token=str(request.get("token_name") or "anonymous"), job=job, started=time.time(),
+    tracked = Tracked(token=str(request.get(TOKEN_NAME) or "anonymous"), job=job, started=time.time(),
                       job_timestamp=req.job_timestamp)
     state.jobs[job.id] = tracked
     try:

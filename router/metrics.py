@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .keys import SCHEDULER
+from .keys import SCHEDULER, TOKEN_NAME
 from .scheduler import JobRecord, Scheduler
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -118,7 +118,7 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
         raise
     finally:
         metrics = request.app[METRICS]
-        token = request.get("token_name", "none")
+        token = request.get(TOKEN_NAME, "none")
         metrics.requests.labels(endpoint_label(request), str(status), token).inc()
         if status == 429:
             metrics.rate_limited.labels(token).inc()

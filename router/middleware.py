@@ -11,7 +11,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from .errors import ApiError
-from .keys import CONFIG
+from .keys import CONFIG, ERROR_STYLE, RATE_HEADERS, TOKEN_NAME
 from .ratelimit import RATE_LIMITER
 
 log = logging.getLogger("velesio.router")
@@ -41,7 +41,7 @@ def error_body(err: ApiError, style: str) -> dict[str, Any]:
 
 
 def error_style(request: web.Request) -> str:
-    style = request.get("error_style")
+    style = request.get(ERROR_STYLE)
     if style:
         return style
     if request.path in LLAMACPP_PATHS:
@@ -64,7 +64,7 @@ _HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 40
 async def _sniff_dialect(request: web.Request) -> None:
     """/completion serves two dialects; an error raised before the handler read the body (401, 429) still
     gets the llama.cpp shape when the body is llama.cpp's (LLM for Unity v3 reads ``code`` as an int)."""
-    if request.path != "/completion" or "error_style" in request or (request.content_length or 0) > 2**20:
+    if request.path != "/completion" or ERROR_STYLE in request or (request.content_length or 0) > 2**20:
         return
     from .dialects import llamacpp
 
@@ -73,7 +73,7 @@ async def _sniff_dialect(request: web.Request) -> None:
     except Exception:
         return
     if isinstance(body, dict) and llamacpp.wants(body):
-        request["error_style"] = "llamacpp"
+        request[ERROR_STYLE] = "llamacpp"
 
 
 @web.middleware
@@ -153,14 +153,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if name is None:
             raise ApiError("unauthorized", "invalid or missing API token",
                            headers={"WWW-Authenticate": 'Bearer, Basic realm="velesio"'})
-        request["token_name"] = name
+        request[TOKEN_NAME] = name
     else:
-        request["token_name"] = "anonymous"
+        request[TOKEN_NAME] = "anonymous"
     if request.path in UNMETERED_PATHS:  # status polls (A1111 UIs poll progress twice a second)
         return await handler(request)
     limiter = request.app[RATE_LIMITER]
-    async with limiter.admit(request["token_name"]) as headers:
-        request["rate_headers"] = headers
+    async with limiter.admit(request[TOKEN_NAME]) as headers:
+        request[RATE_HEADERS] = headers
         try:
             response = await handler(request)
         except ApiError as err:

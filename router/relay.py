@@ -14,7 +14,7 @@ from velesio.mesh.jobs import Job
 
 from . import admission
 from .errors import ApiError
-from .keys import SCHEDULER
+from .keys import RATE_HEADERS, SCHEDULER
 from .scheduler import JobRecord
 
 
@@ -93,7 +93,7 @@ async def respond(request: web.Request, job: Job, renderer: Renderer) -> web.Str
     scheduler = request.app[SCHEDULER]
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no", "X-Request-Id": job.id,
-                                           **request.get("rate_headers", {})})
+                                           **request.get(RATE_HEADERS, {})})
     try:
         await response.prepare(request)
         for event in renderer.start():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
 
 
@@ -20,7 +22,13 @@ class JsonLines(logging.Formatter):
 
 
 def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
-    handler = logging.StreamHandler()
+    # Log to a duplicate of stderr's descriptor: llama-cpp-python silences model loading by pointing fd 2
+    # at /dev/null for a moment, which would swallow what other threads log meanwhile.
+    try:
+        stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1, encoding="utf-8", errors="replace")
+    except (OSError, ValueError, AttributeError):
+        stream = sys.stderr
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonLines() if json_lines else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()

@@ -27,7 +27,7 @@ from aiohttp import web
 from velesio.mesh.jobs import Job
 
 from ..errors import ApiError, invalid
-from ..keys import SCHEDULER
+from ..keys import ERROR_STYLE, SCHEDULER
 from ..relay import respond, result_of
 from ..validation import get_bool, get_float, get_int, get_model, get_stop, get_str
 
@@ -339,7 +339,7 @@ async def detokenize_parts(request: web.Request, parts: list[str | list[int]], m
 
 async def completion(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
     """POST /completion in llama.cpp's dialect."""
-    request["error_style"] = "llamacpp"
+    request[ERROR_STYLE] = "llamacpp"
     parts = prompt_parts(body)
     job = parse(body, prompt="")  # validates every field before any job runs
     if any(not isinstance(p, str) for p in parts):
