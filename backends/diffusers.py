@@ -37,20 +37,13 @@ from velesio.backends import (
 )
 from velesio.backends import samplers as _samplers
 from velesio.backends import tiny_sd
-from velesio.mesh.jobs import Job
+from velesio.mesh.jobs import IMAGE_LIMITS, Job
 
 __all__ = ["DiffusersBackend", "DEFAULT_LIMITS", "detect_sdxl_file", "detect_sdxl_folder"]
 
 log = logging.getLogger("velesio.backends.diffusers")
 
-DEFAULT_LIMITS: dict[str, int] = {
-    "max_width": 1024,
-    "max_height": 1024,
-    "max_pixels": 1024 * 1024,
-    "max_steps": 150,
-    "max_batch": 8,
-    "max_iter": 100,
-}
+DEFAULT_LIMITS = IMAGE_LIMITS
 
 _LOAD_LOCK = threading.Lock()
 

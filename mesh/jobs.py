@@ -62,3 +62,15 @@ TEXT_DEFAULTS: dict[str, Any] = {
     "json_schema": None,
     "cache_prompt": True,
 }
+
+
+# Image limits a worker advertises in its model meta, and the router enforces before dispatch. These are
+# the defaults of the diffusers backend, and what the router assumes for an image model advertising none.
+IMAGE_LIMITS: dict[str, int] = {
+    "max_width": 1024,
+    "max_height": 1024,
+    "max_pixels": 1024 * 1024,
+    "max_steps": 150,
+    "max_batch": 8,
+    "max_iter": 100,
+}

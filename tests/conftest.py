@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -56,6 +57,53 @@ class Proc:
                 self.popen.wait(5)
         self.log_file.close()
         return self.popen.returncode
+
+
+def raw_post(router, path: str, data: bytes | None, headers: dict[str, str]) -> tuple[int, dict[str, str], list[bytes]]:
+    """POST over a raw socket; returns the status, headers and the HTTP/1.1 chunks as the server framed them
+    (what a cpp-httplib content receiver is called with)."""
+    url = urllib.parse.urlsplit(router.url)
+    head = {"Host": f"{url.hostname}:{url.port}", "Connection": "close", **headers}
+    if data is not None:
+        head["Content-Length"] = str(len(data))
+    request = f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items()) + "\r\n"
+    with socket.create_connection((url.hostname, url.port), timeout=120) as sock:
+        sock.sendall(request.encode() + (data or b""))
+        f = sock.makefile("rb")
+        status = int(f.readline().split()[1])
+        response_headers: dict[str, str] = {}
+        while True:
+            line = f.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            key, _, value = line.decode().partition(":")
+            response_headers[key.strip().lower()] = value.strip()
+        chunks: list[bytes] = []
+        if response_headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                size = int(f.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while f.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                chunks.append(f.read(size))
+                assert f.readline() == b"\r\n"
+        else:
+            length = int(response_headers.get("content-length", "-1"))
+            chunks.append(f.read(length) if length >= 0 else f.read())
+    return status, response_headers, chunks
+
+
+def sse_events(response: requests.Response) -> list[str]:
+    """The ``data:`` payloads of an SSE response, asserting that every non-empty line is one."""
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    events = []
+    for line in response.iter_lines(decode_unicode=True):
+        if line:
+            assert line.startswith("data: "), line
+            events.append(line[len("data: "):])
+    return events
 
 
 class Router:

@@ -8,27 +8,17 @@ import json
 import os
 
 import pytest
-import requests
 
 pytest.importorskip("ctransformers")
 pytest.importorskip("numpy")
 
+from conftest import sse_events  # noqa: E402
 from velesio.backends.ggml_gpt2 import write_tiny_gpt2  # noqa: E402
 
 MODEL = "tiny-gpt2"
 PROMPT = "The mesh of the"
 LIGHT = {"VELESIO_BACKENDS": "ctransformers"}  # the worker discovers (and imports) this backend only
 
-
-def sse_events(response: requests.Response) -> list[str]:
-    assert response.status_code == 200, response.text
-    assert response.headers["Content-Type"].startswith("text/event-stream")
-    events = []
-    for line in response.iter_lines(decode_unicode=True):
-        if line:
-            assert line.startswith("data: "), line
-            events.append(line[len("data: "):])
-    return events
 
 
 def smollm2_path() -> str | None:

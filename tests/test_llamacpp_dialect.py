@@ -4,11 +4,11 @@ router and a real SmolLM2 worker."""
 from __future__ import annotations
 
 import json
-import socket
-import urllib.parse
 from typing import Any
 
 import pytest
+
+from conftest import raw_post
 
 FINAL_KEYS = ["index", "content", "tokens", "id_slot", "stop", "model", "tokens_predicted", "tokens_evaluated",
               "generation_settings", "prompt", "has_new_line", "truncated", "stop_type", "stopping_word",
@@ -20,36 +20,9 @@ PARTIAL_KEYS = ["index", "content", "tokens", "stop", "id_slot", "tokens_predict
 
 def http_chunks(router, path: str, body: Any, headers: dict[str, str] | None = None
                 ) -> tuple[int, dict[str, str], list[bytes]]:
-    """POST over a raw socket and return the HTTP/1.1 chunks exactly as the server framed them."""
-    url = urllib.parse.urlsplit(router.url)
-    data = json.dumps(body).encode()
-    head = {"Host": f"{url.hostname}:{url.port}", "Content-Type": "application/json",
-            "Content-Length": str(len(data)), "Connection": "close", **router.headers, **(headers or {})}
-    request = f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items()) + "\r\n"
-    with socket.create_connection((url.hostname, url.port), timeout=120) as sock:
-        sock.sendall(request.encode() + data)
-        f = sock.makefile("rb")
-        status = int(f.readline().split()[1])
-        response_headers: dict[str, str] = {}
-        while True:
-            line = f.readline()
-            if line in (b"\r\n", b"\n", b""):
-                break
-            key, _, value = line.decode().partition(":")
-            response_headers[key.strip().lower()] = value.strip()
-        chunks: list[bytes] = []
-        if response_headers.get("transfer-encoding", "").lower() == "chunked":
-            while True:
-                size = int(f.readline().split(b";")[0].strip(), 16)
-                if size == 0:
-                    while f.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                chunks.append(f.read(size))
-                assert f.readline() == b"\r\n"
-        else:
-            chunks.append(f.read())
-    return status, response_headers, chunks
+    """POST JSON over a raw socket and return the HTTP/1.1 chunks exactly as the server framed them."""
+    return raw_post(router, path, json.dumps(body).encode(),
+                    {"Content-Type": "application/json", **router.headers, **(headers or {})})
 
 
 def llama_events(chunks: list[bytes]) -> list[dict[str, Any]]:

@@ -4,11 +4,11 @@ client), with each client's own way of parsing the answers, against a real route
 from __future__ import annotations
 
 import json
-import socket
-import urllib.parse
 from typing import Any
 
 import requests
+
+from conftest import raw_post
 
 LLMUNITY_TEMPLATES = {"chatml", "alpaca", "gemma", "mistral chat", "mistral instruct", "llama3 chat", "llama chat",
                       "llama", "phi-4-mini", "phi-4", "phi-3.5", "phi-3", "phi", "deepseek-r1", "deepseek-v3",
@@ -18,41 +18,6 @@ QUESTION = "What is the capital of France?"
 
 
 # ---- transports ------------------------------------------------------------------------------
-def raw_post(router, path: str, data: bytes | None, headers: dict[str, str]) -> tuple[int, dict[str, str], list[bytes]]:
-    """POST over a raw socket; returns the status, headers and the HTTP/1.1 chunks as the server framed them
-    (what a cpp-httplib content receiver is called with)."""
-    url = urllib.parse.urlsplit(router.url)
-    head = {"Host": f"{url.hostname}:{url.port}", "Connection": "close", **headers}
-    if data is not None:
-        head["Content-Length"] = str(len(data))
-    request = f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items()) + "\r\n"
-    with socket.create_connection((url.hostname, url.port), timeout=120) as sock:
-        sock.sendall(request.encode() + (data or b""))
-        f = sock.makefile("rb")
-        status = int(f.readline().split()[1])
-        response_headers: dict[str, str] = {}
-        while True:
-            line = f.readline()
-            if line in (b"\r\n", b"\n", b""):
-                break
-            key, _, value = line.decode().partition(":")
-            response_headers[key.strip().lower()] = value.strip()
-        chunks: list[bytes] = []
-        if response_headers.get("transfer-encoding", "").lower() == "chunked":
-            while True:
-                size = int(f.readline().split(b";")[0].strip(), 16)
-                if size == 0:
-                    while f.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                chunks.append(f.read(size))
-                f.readline()
-        else:
-            length = int(response_headers.get("content-length", "-1"))
-            chunks.append(f.read(length) if length >= 0 else f.read())
-    return status, response_headers, chunks
-
-
 class V2Client:
     """LLM for Unity v2.x (LLMCaller.cs): UnityWebRequest, JSON bodies, Bearer key, no /health."""
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import BIN, free_port
+from conftest import BIN, free_port, sse_events
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGINS = REPO / "plugins"
@@ -32,16 +32,6 @@ BUILT_IN = ("benchmark", "ctransformers", "diffusers", "llama-cpp")
 
 # -- helpers -----------------------------------------------------------------------------------------------
 
-
-def sse_events(response: requests.Response) -> list[str]:
-    assert response.status_code == 200, response.text
-    assert response.headers["Content-Type"].startswith("text/event-stream")
-    events = []
-    for line in response.iter_lines(decode_unicode=True):
-        if line:
-            assert line.startswith("data: "), line
-            events.append(line[len("data: "):])
-    return events
 
 
 def chat_stream_text(response: requests.Response) -> tuple[str, list[dict]]:

@@ -8,20 +8,12 @@ import time
 import pytest
 import requests
 
-from conftest import TOKEN
+from conftest import TOKEN, sse_events
 
 CHAT = {"messages": [{"role": "system", "content": "You are a helpful assistant."},
                      {"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
         "max_tokens": 24, "temperature": 0}
 
-
-def sse_events(response: requests.Response) -> list[str]:
-    events = []
-    for line in response.iter_lines(decode_unicode=True):
-        if line:
-            assert line.startswith("data: "), line
-            events.append(line[len("data: "):])
-    return events
 
 
 def test_seed_completion_shape(mesh):

@@ -21,19 +21,12 @@ import time
 from typing import Any
 
 from velesio.backends import samplers as _samplers
+from velesio.mesh.jobs import IMAGE_LIMITS
 
 from ..errors import invalid
 from ..validation import get_bool, get_float, get_int, get_str
 
-# Used when a model advertises no limits (a third-party image backend); the diffusers backend's defaults.
-DEFAULT_LIMITS: dict[str, int] = {
-    "max_width": 1024,
-    "max_height": 1024,
-    "max_pixels": 1024 * 1024,
-    "max_steps": 150,
-    "max_batch": 8,
-    "max_iter": 100,
-}
+DEFAULT_LIMITS = IMAGE_LIMITS
 MIN_SIDE = 64  # A1111's smallest width/height
 CFG_RANGE = (0.0, 30.0)  # A1111's slider is 1..30; 0 is allowed for guidance-free (distilled) models
 MAX_SEED = 2**63 - 1

@@ -15,7 +15,7 @@ from typing import Any
 from velesio.mesh.jobs import TEXT_DEFAULTS, Job
 
 from ..errors import ApiError, invalid
-from ..validation import get_bool, get_float, get_int, get_messages, get_model, get_stop, get_str
+from ..validation import get_bool, get_float, get_int, get_messages, get_model, get_stop
 
 MAX_TOKENS_CAP = 32768
 
