@@ -89,6 +89,7 @@ class JobRecord:
         self.last_activity = time.monotonic()
         self.failovers = 0
         self.progress_count = -1
+        self.dispatched_at = 0.0
 
     @property
     def visible(self) -> bool:
@@ -242,7 +243,7 @@ class Scheduler:
             self._finish(rec, "error", ApiError("invalid_request", "the request cannot be sent to a worker"))
             return
         rec.worker = worker
-        rec.last_activity = time.monotonic()
+        rec.last_activity = rec.dispatched_at = time.monotonic()
         worker.running[(rec.job.id, rec.job.attempt)] = rec.job.model
         worker.last_dispatch = time.monotonic()
         self.send(worker.identity, frame)
@@ -317,6 +318,8 @@ class Scheduler:
             progress = body.get("progress")
             if isinstance(progress, dict):
                 self._note_progress(worker, progress)
+            if isinstance(body.get("jobs"), list):
+                self._reconcile(worker, set(map(str, body["jobs"])))
         elif command in (Command.PARTIAL, Command.FINAL, Command.ERROR):
             self._process_job_message(worker, command, body)
         elif command == Command.DISCONNECT:
@@ -391,6 +394,18 @@ class Scheduler:
             if rec is not None and rec.worker is worker and count != rec.progress_count:
                 rec.progress_count = count
                 rec.last_activity = time.monotonic()
+
+    def _reconcile(self, worker: WorkerState, known: set[str]) -> None:
+        """A job the router dispatched over a heartbeat ago that the worker does not list was lost on the
+        way (or the worker forgot it): run it elsewhere instead of waiting for the stall timeout."""
+        grace = 1.5 * self.heartbeat_ms / 1000
+        now = time.monotonic()
+        for job_id, attempt in list(worker.running):
+            rec = self.jobs.get(job_id)
+            if job_id in known or rec is None or rec.worker is not worker or now - rec.dispatched_at < grace:
+                continue
+            worker.running.pop((job_id, attempt), None)
+            self._fail_over(rec, f"worker {worker.name} does not know the job")
 
     def _remove_worker(self, worker: WorkerState, why: str) -> None:
         if self.workers.pop(worker.identity, None) is None:

@@ -161,3 +161,31 @@ def test_worker_logs_refusal(start_worker, spawn, tmp_path):
     fake.close()
     assert "refused this worker" in proc.log
     assert proc.alive()
+
+
+def test_job_a_worker_does_not_know_moves_elsewhere(start_router, start_worker):
+    """A peer that takes a REQUEST but never lists the job in its heartbeats (a lost message) loses it."""
+    router = start_router()
+    ctx = zmq.Context.instance()
+    fake = ctx.socket(zmq.DEALER)
+    fake.setsockopt(zmq.LINGER, 0)
+    fake.setsockopt(zmq.RCVTIMEO, 10000)
+    fake.connect(router.mesh)
+    model = {"name": "smollm2-135m-instruct", "backend": "llama-cpp", "kind": "text",
+             "operations": ["completion"], "slots": 1, "meta": {"n_ctx": 2048}}
+    fake.send(msgpack.packb([1, {"version": "1.0", "worker": "forgetful", "capabilities": {"models": [model]}}]))
+    assert msgpack.unpackb(fake.recv())[0] == 2  # WELCOME
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("r", router.post("/completion",
+                                                                           {"prompt": "Hi", "max_tokens": 3})))
+    t.start()
+    command, body = msgpack.unpackb(fake.recv())
+    assert command == 4 and body["op"] == "completion"  # REQUEST, which the fake will never run
+    start_worker(router, "reliable", [SMOLLM2])
+    while t.is_alive():
+        fake.send(msgpack.packb([3, {"load": {}, "jobs": []}]))  # heartbeats that do not list the job
+        time.sleep(0.25)
+    fake.close()
+    assert result["r"].status_code == 200, result["r"].text
+    assert "forgetful does not know the job" in router.proc.log
+    assert worker_field(router, "reliable", "jobs_done") == 1
