@@ -151,3 +151,51 @@ def test_stuck_worker_job_moves(start_router, start_worker):
     assert r.status_code == 200
     assert r.json()["choices"][0]["text"] == "fine"
     assert "no progress on worker stuck" in router.proc.log
+
+
+def test_kill_9_under_mixed_load_loses_nothing(start_router, start_worker):
+    """Six requests at once, streamed and not, over two workers; one is killed mid-way. Every request ends
+    with exactly one complete answer, and the dead worker is gone from /health within 3 s."""
+    router = start_router()
+    smol2 = {**SMOLLM2, "slots": 2}
+    procs = {name: start_worker(router, name, [smol2]) for name in ("mix-a", "mix-b")}
+    body = {"prompt": "Tell me about rivers:", "n_predict": 120, "ignore_eos": True}
+
+    def non_stream(_):
+        r = router.post("/completion", body)
+        return r.status_code, r.json()
+
+    def stream(_):
+        pieces, final = [], None
+        with requests.post(router.url + "/completion", json={**body, "stream": True}, headers=router.headers,
+                           stream=True, timeout=120) as r:
+            lines = r.iter_lines()
+            for line in lines:
+                if line:
+                    event = json.loads(line[len(b"data: "):])
+                    if event.get("stop") or "error" in event:
+                        final = event
+                    else:
+                        pieces.append(event["content"])
+        return r.status_code, {"pieces": pieces, "final": final}
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(non_stream if i % 2 else stream, i) for i in range(6)]
+        router.wait_for(lambda h: sum(w["jobs_in_flight"] for w in h["workers"]) >= 4, timeout=20)
+        procs["mix-a"].signal(signal.SIGKILL)
+        killed = time.monotonic()
+        router.wait_for(lambda h: {w["id"] for w in h["workers"]} == {"mix-b"}, timeout=10)
+        detection = time.monotonic() - killed
+        results = [f.result(180) for f in futures]
+    assert detection <= 3.0
+    for i, (status, out) in enumerate(results):
+        assert status == 200, out
+        if i % 2:  # non-stream: one whole answer of exactly the asked length
+            assert out["stop"] is True and out["tokens_predicted"] == 120 and out["stop_type"] == "limit"
+        else:  # stream: one final event, no error, the text continued to the end
+            assert out["final"] is not None and "error" not in out["final"], out["final"]
+            assert out["final"]["stop_type"] == "limit"
+            assert "".join(out["pieces"]).strip()
+    q = router.get("/queue/status").json()
+    assert q["pending_jobs"] == 0
+    assert q["completed_jobs_24h"] == 6  # one result per request: nothing lost, nothing delivered twice
