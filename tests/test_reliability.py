@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 
+import pytest
 import requests
 
 from conftest import SMOLLM2
@@ -199,3 +200,28 @@ def test_kill_9_under_mixed_load_loses_nothing(start_router, start_worker):
     q = router.get("/queue/status").json()
     assert q["pending_jobs"] == 0
     assert q["completed_jobs_24h"] == 6  # one result per request: nothing lost, nothing delivered twice
+
+
+def test_image_job_restarts_on_another_worker(start_router, start_worker):
+    pytest.importorskip("diffusers")
+    router = start_router()
+    procs = {name: start_worker(router, name, [{"name": "tiny-sd", "backend": "diffusers"}], wait=False)
+             for name in ("img-a", "img-b")}
+    router.wait_workers({"img-a", "img-b"}, timeout=120)
+    body = {"prompt": "a lighthouse", "width": 256, "height": 256, "steps": 40, "seed": 5}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(router.post, "/sdapi/v1/txt2img", body)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            progress = router.get("/sdapi/v1/progress").json()
+            if progress["state"]["sampling_step"] >= 2:
+                break
+            time.sleep(0.05)
+        running = [w["id"] for w in router.health()["workers"] if w["jobs_in_flight"]]
+        assert len(running) == 1
+        procs[running[0]].signal(signal.SIGKILL)
+        r = future.result(120)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert len(r.json()["images"]) == 1 and info["seed"] == 5 and not info.get("interrupted")
+    assert "re-dispatching as attempt 2" in router.proc.log
