@@ -174,7 +174,9 @@ class RouterLink:
     def _flush(self) -> None:
         self._flush_scheduled = False  # before reading the queue: a message posted from now on schedules again
         outbox = self._outbox
-        while outbox:
+        # Only what is queued now: job threads may post faster than this sends, and heartbeats and REQUESTs
+        # must not wait behind an endless flush. The rest goes on the next loop turn.
+        for _ in range(len(outbox)):
             command, body = outbox.popleft()
             if self.sock is None:
                 continue
@@ -184,6 +186,9 @@ class RouterLink:
                 log.error("dropping a %s that cannot be encoded: %s", command.name, exc)
                 continue
             self._send_frame(frame)
+        if outbox and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _send_frame(self, frame: bytes) -> None:
         if self.sock is None:
