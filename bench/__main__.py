@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="sample the router with py-spy during overhead and stream (bench/results/profile-*.txt)")
     p.add_argument("--output", type=Path, help="JSON results (default bench/results/latest.json)")
+    p.add_argument("--logs", type=Path, help="keep the processes' configs and logs in this folder")
     args = p.parse_args(argv)
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
     if unknown:
@@ -95,11 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="velesio-bench-") as tmp:
+        if args.logs:
+            args.logs.mkdir(parents=True, exist_ok=True)
+            tmp = str(args.logs)
         for name in names:
             log(f"\n== {name}")
             t0 = time.monotonic()
             workdir = Path(tmp) / name
-            workdir.mkdir()
+            workdir.mkdir(exist_ok=True)
             try:
                 results["scenarios"][name] = SCENARIOS[name](s, workdir, log)
             except Exception as exc:  # one failing scenario must not lose the others
