@@ -29,11 +29,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a short smoke run (about a minute and a half)")
     p.add_argument("--duration", type=float, help="seconds measured per point (default 5, quick 1.5)")
     p.add_argument("--concurrency", type=_ints, help="router overhead concurrencies (default 1,16,64,256)")
-    p.add_argument("--stream-tokens", type=int, help="tokens per stream in the relay scenario (default 2000)")
+    p.add_argument("--stream-tokens", type=int, help="tokens per stream in the relay scenario (default 1000)")
     p.add_argument("--streams", type=_ints, help="concurrent streams in the relay scenario (default 1,64)")
     p.add_argument("--workers", type=_ints, help="worker counts for scaling (default 1,2,4,8)")
     p.add_argument("--idle-streams", type=int, help="open streams for the memory scenario (default 1000)")
     p.add_argument("--e2e-reps", type=int, help="requests per system in the end-to-end scenario (default 5)")
+    p.add_argument("--e2e-threads", type=int, help="llama.cpp threads in the end-to-end scenario (default 2)")
     p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
                    help="event loop of the router and workers (uvloop: installed before their main())")
     p.add_argument("--no-floor", action="store_true", help="skip the bare-aiohttp floor in the overhead scenario")
@@ -52,7 +53,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     s = Settings.quick(loop=args.loop) if args.quick else Settings(loop=args.loop)
     for arg, field in (("duration", "duration"), ("concurrency", "concurrencies"), ("stream_tokens", "stream_tokens"),
                        ("streams", "stream_concurrencies"), ("workers", "scaling_workers"),
-                       ("idle_streams", "idle_streams"), ("e2e_reps", "e2e_reps")):
+                       ("idle_streams", "idle_streams"), ("e2e_reps", "e2e_reps"),
+                       ("e2e_threads", "e2e_threads")):
         if getattr(args, arg) is not None:
             setattr(s, field, getattr(args, arg))
     s.floor = not args.no_floor

@@ -158,6 +158,17 @@ class Cluster:
                          [("router", self.router), *self.workers.items()] if p is not None)
         raise RuntimeError(f"the mesh never reached the expected state; last /health: {last}\n{logs}")
 
+    def failovers(self) -> int | None:
+        """Jobs the router moved to another worker so far (its /metrics), or None without metrics."""
+        req = urllib.request.Request(self.url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("velesio_failovers_total")))
+
     def jobs_done(self) -> dict[str, int]:
         return {w["id"]: int(w["jobs_done"]) for w in self.health()["workers"]}
 

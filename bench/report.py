@@ -100,11 +100,11 @@ def markdown(results: dict[str, Any]) -> str:
                   "`/completion`; tokens/s delivered to all clients together (median over rounds).", ""]
         rows = [[str(r["concurrency"]), _f(r["tokens_per_s"]), _f(r["stream_tokens_per_s"]), _f(r["ttft_p50_ms"], 2),
                  _f(r["ttft_p99_ms"], 2), _f(r["router_cpu_us_per_token"], 1), _f(r["worker_cpu_us_per_token"], 1),
-                 _f(r["client_cpu_us_per_token"], 1), _f(r["tokens_ok"]), _f(r["one_event_per_chunk"])]
-                for r in st["rows"]]
+                 _f(r["client_cpu_us_per_token"], 1), _f(r["tokens_ok"]), _f(r["one_event_per_chunk"]),
+                 _f(r.get("failovers"))] for r in st["rows"]]
         lines += _table(["streams", "tokens/s", "per stream tokens/s", "TTFT p50 ms", "TTFT p99 ms",
-                         "router µs/token", "worker µs/token", "client µs/token", "all tokens", "1 event per chunk"],
-                        rows) + [""]
+                         "router µs/token", "worker µs/token", "client µs/token", "all tokens", "1 event per chunk",
+                         "failovers"], rows) + [""]
     if "e2e" in sc:
         e = sc["e2e"]
         if "skipped" in e:
@@ -112,11 +112,11 @@ def markdown(results: dict[str, Any]) -> str:
         else:
             lines += [f"**3. End to end** — {e['model']}, {e['n_predict']} tokens (end of generation banned), "
                       f"{e['threads']} threads, one request at a time, median of {e['reps']} after one warm-up.", ""]
-            rows = [[r["system"], "–", "–", "–", "–", "–", f"skipped: {r['skipped'][:80]}"] if "skipped" in r else
+            rows = [[f"{r['system']} (skipped: {r['skipped'][:80]})", "–", "–", "–", "–", "–"] if "skipped" in r else
                     [r["system"], _f(r["ttft_p50_ms"], 1), _f(r["decode_tokens_per_s"], 1), _f(r["tokens_per_s"], 1),
-                     _f(r["ratio_tokens_per_s"], 3), _f(r["ratio_ttft"], 2), ""] for r in e["rows"]]
+                     _f(r["ratio_tokens_per_s"], 3), _f(r["ratio_ttft"], 2)] for r in e["rows"]]
             lines += _table(["system", "TTFT p50 ms", "tokens/s after first", "tokens/s overall",
-                             "tokens/s ÷ raw", "TTFT ÷ raw", ""], rows) + [""]
+                             "tokens/s ÷ raw", "TTFT ÷ raw"], rows) + [""]
     if "scaling" in sc:
         s = sc["scaling"]
         lines += [f"**4. Scaling** — workers with the benchmark backend at {s['delay_ms']} ms per job, 1 slot each, "

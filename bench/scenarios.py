@@ -30,7 +30,7 @@ class Settings:
     warmup: float = 1.0
     concurrencies: tuple[int, ...] = (1, 16, 64, 256)
     floor: bool = True  # also measure the bare-aiohttp floor
-    stream_tokens: int = 2000
+    stream_tokens: int = 1000
     stream_concurrencies: tuple[int, ...] = (1, 64)
     stream_rounds: int = 2  # at least, per concurrency
     e2e_tokens: int = 96
@@ -235,6 +235,7 @@ def stream_relay(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
         mesh.start_workers(["bench-1"], [ECHO])
         with Profiler(s, mesh.router.pid, "stream", log):
             for c in s.stream_concurrencies:
+                failovers = mesh.failovers()
                 meter = CpuMeter(mesh.pids())
                 meter.start()
                 res = loadgen({"mode": "streams", "url": mesh.url + "/completion", "headers": mesh.headers,
@@ -243,6 +244,8 @@ def stream_relay(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
                                "warmup_rounds": 1 if c == 1 else 0})
                 cpu = meter.stop()
                 row = {"concurrency": c, **stream_summary(res, s.stream_tokens)}
+                after = mesh.failovers()
+                row["failovers"] = after - failovers if after is not None and failovers is not None else None
                 # The framing check reads raw HTTP chunks (aiohttp's client may merge them when it lags).
                 framing = loadgen({"mode": "framing", "url": mesh.url + "/completion", "headers": mesh.headers,
                                    "body": body, "concurrency": c})
@@ -257,7 +260,8 @@ def stream_relay(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
                     f"p99 {row['ttft_p99_ms']:.2f} ms  router {row['router_cpu_us_per_token']:.1f} us/token  "
                     f"worker {row['worker_cpu_us_per_token']:.1f} us/token  "
                     f"client {row['client_cpu_us_per_token']:.1f} us/token  "
-                    f"tokens ok {row['tokens_ok']}  one event per chunk {row['one_event_per_chunk']}")
+                    f"tokens ok {row['tokens_ok']}  one event per chunk {row['one_event_per_chunk']}  "
+                    f"failovers {row['failovers']}")
     return {"tokens_per_stream": s.stream_tokens, "rows": rows}
 
 
