@@ -34,6 +34,7 @@ class WorkerState:
         self.jobs_done = 0
         self.last_dispatch = 0.0
         self.draining = False
+        self.seq = 0  # REQUEST sequence number, per worker connection
 
     def update(self, caps: dict[str, Any]) -> None:
         self.caps = caps
@@ -89,7 +90,7 @@ class JobRecord:
         self.last_activity = time.monotonic()
         self.failovers = 0
         self.progress_count = -1
-        self.dispatched_at = 0.0
+        self.dispatch_seq = 0
 
     @property
     def visible(self) -> bool:
@@ -236,14 +237,16 @@ class Scheduler:
             self._dispatch(rec, worker)
 
     def _dispatch(self, rec: JobRecord, worker: WorkerState) -> None:
+        worker.seq += 1
         try:
-            frame = codec.encode(Command.REQUEST, rec.job.to_wire())
+            frame = codec.encode(Command.REQUEST, {**rec.job.to_wire(), "seq": worker.seq})
         except Exception as exc:  # parameters msgpack cannot carry: the dialect let something odd through
             log.error("job %s cannot be encoded: %s", rec.job.id, exc)
             self._finish(rec, "error", ApiError("invalid_request", "the request cannot be sent to a worker"))
             return
         rec.worker = worker
-        rec.last_activity = rec.dispatched_at = time.monotonic()
+        rec.last_activity = time.monotonic()
+        rec.dispatch_seq = worker.seq
         worker.running[(rec.job.id, rec.job.attempt)] = rec.job.model
         worker.last_dispatch = time.monotonic()
         self.send(worker.identity, frame)
@@ -318,8 +321,8 @@ class Scheduler:
             progress = body.get("progress")
             if isinstance(progress, dict):
                 self._note_progress(worker, progress)
-            if isinstance(body.get("jobs"), list):
-                self._reconcile(worker, set(map(str, body["jobs"])))
+            if isinstance(body.get("jobs"), list) and isinstance(body.get("seen"), int):
+                self._reconcile(worker, set(map(str, body["jobs"])), body["seen"])
         elif command in (Command.PARTIAL, Command.FINAL, Command.ERROR):
             self._process_job_message(worker, command, body)
         elif command == Command.DISCONNECT:
@@ -395,14 +398,13 @@ class Scheduler:
                 rec.progress_count = count
                 rec.last_activity = time.monotonic()
 
-    def _reconcile(self, worker: WorkerState, known: set[str]) -> None:
-        """A job the router dispatched over a heartbeat ago that the worker does not list was lost on the
-        way (or the worker forgot it): run it elsewhere instead of waiting for the stall timeout."""
-        grace = 1.5 * self.heartbeat_ms / 1000
-        now = time.monotonic()
+    def _reconcile(self, worker: WorkerState, known: set[str], seen: int) -> None:
+        """A job the worker does not list in a heartbeat sent after it received a later REQUEST (``seen``
+        echoes the highest REQUEST sequence number it got) was lost or forgotten: run it elsewhere now
+        instead of waiting for the stall timeout. Jobs dispatched after ``seen`` may still be in flight."""
         for job_id, attempt in list(worker.running):
             rec = self.jobs.get(job_id)
-            if job_id in known or rec is None or rec.worker is not worker or now - rec.dispatched_at < grace:
+            if job_id in known or rec is None or rec.worker is not worker or rec.dispatch_seq > seen:
                 continue
             worker.running.pop((job_id, attempt), None)
             self._fail_over(rec, f"worker {worker.name} does not know the job")

@@ -92,7 +92,7 @@ def test_heartbeats_flow_while_generating(start_router, start_worker):
     t.join()
     assert result["r"].status_code == 200
     assert len(ages) >= 5
-    assert max(ages) < 1.5, ages
+    assert max(ages) < 2.25, ages  # heartbeat_ms × liveness: never close to being declared dead
 
 
 def test_stream_fails_over_to_another_worker(start_router, start_worker):
@@ -182,8 +182,8 @@ def test_job_a_worker_does_not_know_moves_elsewhere(start_router, start_worker):
     command, body = msgpack.unpackb(fake.recv())
     assert command == 4 and body["op"] == "completion"  # REQUEST, which the fake will never run
     start_worker(router, "reliable", [SMOLLM2])
-    while t.is_alive():
-        fake.send(msgpack.packb([3, {"load": {}, "jobs": []}]))  # heartbeats that do not list the job
+    while t.is_alive():  # heartbeats that saw the REQUEST but do not list its job
+        fake.send(msgpack.packb([3, {"load": {}, "jobs": [], "seen": body["seq"]}]))
         time.sleep(0.25)
     fake.close()
     assert result["r"].status_code == 200, result["r"].text

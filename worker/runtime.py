@@ -86,6 +86,8 @@ class Worker:
 
     # ---- jobs --------------------------------------------------------------------------------
     def start_job(self, link: "RouterLink", body: dict[str, Any]) -> None:
+        if isinstance(body.get("seq"), int):
+            link.seen_seq = max(link.seen_seq, body["seq"])  # echoed in heartbeats
         try:
             job = Job.from_wire(body)
         except (KeyError, TypeError, ValueError) as exc:
@@ -154,6 +156,7 @@ class RouterLink:
         self.last_heard = 0.0
         self._outbox: collections.deque[tuple[Command, dict[str, Any]]] = collections.deque()
         self._flush_scheduled = False
+        self.seen_seq = 0  # highest REQUEST sequence number received on this connection
 
     def send(self, command: Command, body: dict[str, Any] | None = None) -> None:
         """Send now (on the event loop). Messages posted earlier from job threads go first."""
@@ -218,6 +221,7 @@ class RouterLink:
         self.greet()
 
     def greet(self) -> None:
+        self.seen_seq = 0  # a router that registers us anew numbers its REQUESTs from 1
         running = {job_id: ctx.job.model for (job_id, _), (ctx, link) in self.worker.running.items() if link is self}
         self.send(Command.READY, {"version": protocol.VERSION, "worker": self.worker.name,
                                   "capabilities": self.worker.capabilities(), "running": running})
@@ -226,6 +230,7 @@ class RouterLink:
         progress = {job_id: ctx.progress_n for (job_id, _), (ctx, link) in self.worker.running.items()
                     if link is self}
         self.send(Command.HEARTBEAT, {"load": self.worker.load(), "jobs": list(progress), "progress": progress,
+                                      "seen": self.seen_seq,
                                       "draining": self.worker.draining,
                                       "memory_free_mb": self.worker.device.get("memory_free_mb")})
 
