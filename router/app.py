@@ -14,6 +14,7 @@ from typing import AsyncIterator
 from aiohttp import web
 
 from velesio import config as mesh_config
+from velesio import loop as event_loop
 from velesio.logs import setup_logging
 from velesio.mesh import curve
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     except curve.CurveError as exc:
         print(f"velesio-router: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(_serve(app, cfg))
+    event_loop.run(_serve(app, cfg))
     return 0
 
 

@@ -9,6 +9,7 @@ import signal
 import sys
 
 from velesio import config as mesh_config
+from velesio import loop as event_loop
 from velesio.logs import setup_logging
 from velesio.mesh import curve
 from velesio.plugins.discovery import describe, discover
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"velesio-worker {worker.name}: serving {served or 'nothing'}"
           f"{f'; {len(failures)} failure(s), see log' if failures else ''}; routers {', '.join(routers)}",
           flush=True)
-    return asyncio.run(_serve(worker, routers))
+    return event_loop.run(_serve(worker, routers))
 
 
 async def _serve(worker: Worker, routers: list[str]) -> int:
