@@ -18,7 +18,8 @@ from velesio import loop as event_loop
 from velesio.logs import setup_logging
 from velesio.mesh import curve
 
-from . import metrics, middleware, status_routes, text_routes
+from . import (a1111_routes, dashboard_routes, llamacpp_routes, metrics, middleware, status_routes,
+               text_routes)
 from .broker import Broker
 from .errors import ApiError
 from .keys import BROKER, CONFIG, SCHEDULER, STARTED
@@ -26,7 +27,6 @@ from .ratelimit import RATE_LIMITER, RateLimiter
 from .scheduler import Scheduler
 
 log = logging.getLogger("velesio.router")
-
 
 
 def init_app(cfg: mesh_config.RouterConfig) -> web.Application:
@@ -43,24 +43,10 @@ def init_app(cfg: mesh_config.RouterConfig) -> web.Application:
                                liveness=cfg.liveness, job_stall_s=cfg.job_stall_s,
                                worker_wait_s=cfg.worker_wait_s, router_name=socket.gethostname(),
                                default_models={"text": cfg.default_text_model, "image": cfg.default_image_model})
-    for module in (text_routes, status_routes, metrics):
+    for module in (text_routes, llamacpp_routes, a1111_routes, status_routes, metrics, dashboard_routes):
         module.setup(app)
-    _setup_optional_routes(app)
     app.cleanup_ctx.append(_mesh)
     return app
-
-
-def _setup_optional_routes(app: web.Application) -> None:
-    import importlib
-
-    for name in ("llamacpp_routes", "a1111_routes", "dashboard_routes"):
-        try:
-            module = importlib.import_module(f"{__package__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{name}":
-                raise
-            continue
-        module.setup(app)
 
 
 async def _mesh(app: web.Application) -> AsyncIterator[None]:

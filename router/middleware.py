@@ -10,6 +10,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from .dialects import llamacpp
 from .errors import ApiError
 from .keys import CONFIG, ERROR_STYLE, RATE_HEADERS, TOKEN_NAME
 from .ratelimit import RATE_LIMITER
@@ -66,8 +67,6 @@ async def _sniff_dialect(request: web.Request) -> None:
     gets the llama.cpp shape when the body is llama.cpp's (LLM for Unity v3 reads ``code`` as an int)."""
     if request.path != "/completion" or ERROR_STYLE in request or (request.content_length or 0) > 2**20:
         return
-    from .dialects import llamacpp
-
     try:
         body = json.loads(await request.read())
     except Exception:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .dialects import openai
+from .dialects import llamacpp, openai
 from .keys import SCHEDULER
 from .relay import respond
 from .validation import read_json
@@ -13,8 +13,6 @@ from .validation import read_json
 async def completion(request: web.Request) -> web.StreamResponse:
     """POST /completion: the seed's shape, or llama.cpp's when the body uses llama.cpp fields."""
     body = await read_json(request)
-    from .dialects import llamacpp  # noqa: PLC0415  (the llama.cpp dialect shares this route)
-
     if llamacpp.wants(body):
         return await llamacpp.completion(request, body)
     job = openai.parse_completion(body)
