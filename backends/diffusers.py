@@ -39,11 +39,9 @@ from velesio.backends import samplers as _samplers
 from velesio.backends import tiny_sd
 from velesio.mesh.jobs import IMAGE_LIMITS, Job
 
-__all__ = ["DiffusersBackend", "DEFAULT_LIMITS", "detect_sdxl_file", "detect_sdxl_folder"]
+__all__ = ["DiffusersBackend", "detect_sdxl_file", "detect_sdxl_folder"]
 
 log = logging.getLogger("velesio.backends.diffusers")
-
-DEFAULT_LIMITS = IMAGE_LIMITS
 
 _LOAD_LOCK = threading.Lock()
 
@@ -208,7 +206,7 @@ class DiffusersBackend(Backend):
         self._torch: Any = None
         self.device = "cpu"
         self.dtype_name = "float32"
-        self.limits = dict(DEFAULT_LIMITS)
+        self.limits = dict(IMAGE_LIMITS)
         self.threads: int | None = None
         self.meta: dict[str, Any] = {}
         self.load_notes: list[str] = []
@@ -258,7 +256,7 @@ class DiffusersBackend(Backend):
             from diffusers import StableDiffusionPipeline  # noqa: F401  (imports the pipelines quietly)
         self._torch = torch
         opts = dict(self.config.options or {})
-        for key in DEFAULT_LIMITS:
+        for key in IMAGE_LIMITS:
             if key in opts:
                 self.limits[key] = int(opts[key])
         device, dtype = self._pick_device(opts)

@@ -32,7 +32,7 @@ from velesio.backends import samplers as _samplers
 from velesio.mesh import protocol
 from velesio.mesh.jobs import Job
 
-from .dialects import a1111
+from .dialects import a1111, a1111_models
 from .errors import ApiError, invalid
 from .keys import CONFIG, SCHEDULER, TOKEN_NAME
 from .relay import dumps, result_of
@@ -102,13 +102,13 @@ def _default_model(request: web.Request, models: dict[str, dict[str, Any]]) -> s
 def _pick_model(request: web.Request, requested: str, field: str) -> str:
     """A model a client names (name, title, file name or hash) → its name; 400 when nobody offers it."""
     models = _image_models(request)
-    name = a1111.match_model(requested, models)
+    name = a1111_models.match_model(requested, models)
     if name is not None:
         return name
     scheduler = request.app[SCHEDULER]
     if requested in scheduler.known_models or not scheduler.workers:
         return requested  # seen before (its worker may be restarting) or no workers yet: let the scheduler wait
-    titles = a1111.titles(models)
+    titles = a1111_models.titles(models)
     raise ApiError("invalid_request", f"{field}: no live image model matches {requested!r}; available: "
                                       f"{', '.join(titles.values()) or 'none'}",
                    {"available": list(titles.values())}, param=field)
@@ -127,11 +127,11 @@ async def _generate(request: web.Request, op: str) -> web.Response:
     if requested is None:
         models = _image_models(request)
         default = _default_model(request, models)
-        requested = (a1111.match_model(default, models) or default) if default else None
+        requested = (a1111_models.match_model(default, models) or default) if default else None
     scheduler = request.app[SCHEDULER]
     model = await scheduler.resolve_model(op, requested)
     meta = (scheduler.model_info(model) or {}).get("meta") or {}
-    a1111.check_limits(req, model, meta)
+    a1111_models.check_limits(req, model, meta)
     job = Job(op=op, model=model, params=req.params)
     tracked = Tracked(token=str(request.get(TOKEN_NAME) or "anonymous"), job=job, started=time.time(),
                       job_timestamp=req.job_timestamp)
@@ -195,8 +195,8 @@ async def skip(request: web.Request) -> web.Response:
 # ---- models, samplers, options -------------------------------------------------------------------
 async def sd_models(request: web.Request) -> web.Response:
     models = _image_models(request)
-    titles = a1111.titles(models)
-    return _json([a1111.sd_model_entry(name, titles[name], m.get("meta") or {}) for name, m in models.items()])
+    titles = a1111_models.titles(models)
+    return _json([a1111_models.sd_model_entry(name, titles[name], m.get("meta") or {}) for name, m in models.items()])
 
 
 async def samplers(request: web.Request) -> web.Response:
@@ -212,11 +212,11 @@ async def get_options(request: web.Request) -> web.Response:
     stored = state.options_of(request)
     models = _image_models(request)
     current = _default_model(request, models)
-    titles = a1111.titles(models)
+    titles = a1111_models.titles(models)
     meta = (models.get(current or "") or {}).get("meta") or {}
     body = {**a1111.OPTION_DEFAULTS, **stored,
             "sd_model_checkpoint": titles.get(current or "", current),
-            "sd_checkpoint_hash": meta.get("sha256") or a1111.model_hash(meta)}
+            "sd_checkpoint_hash": meta.get("sha256") or a1111_models.model_hash(meta)}
     return _json(body)
 
 
@@ -226,9 +226,9 @@ async def set_options(request: web.Request) -> web.Response:
     update: dict[str, Any] = {}
     if "sd_model_checkpoint" in body:
         requested = get_str(body, "sd_model_checkpoint", allow_empty=False)
-        name = a1111.match_model(requested, _image_models(request))
+        name = a1111_models.match_model(requested, _image_models(request))
         if name is None:
-            titles = list(a1111.titles(_image_models(request)).values())
+            titles = list(a1111_models.titles(_image_models(request)).values())
             raise ApiError("invalid_request", f"sd_model_checkpoint: no live image model matches {requested!r}; "
                                               f"available: {', '.join(titles) or 'none'}",
                            {"available": titles}, param="sd_model_checkpoint")

@@ -15,86 +15,14 @@ from velesio.mesh.jobs import Job
 from velesio.mesh.protocol import Command
 
 from .errors import ApiError
+from .records import JobRecord, WorkerState
+
+__all__ = ["JobRecord", "Scheduler", "WorkerState"]
 
 log = logging.getLogger("velesio.router")
 
 TEXT_STREAM_OPS = ("completion", "chat")
 MAX_ATTEMPTS = 4
-
-
-class WorkerState:
-    def __init__(self, identity: bytes, greeting: dict[str, Any]):
-        self.identity = identity
-        self.name = str(greeting.get("worker") or identity.decode(errors="replace"))
-        self.version = str(greeting.get("version"))
-        self.update(greeting.get("capabilities") or {})
-        self.running: dict[tuple[str, int], str] = {}  # (job id, attempt) -> model
-        self.last_seen = time.monotonic()
-        self.registered_at = time.time()
-        self.jobs_done = 0
-        self.last_dispatch = 0.0
-        self.draining = False
-        self.seq = 0  # REQUEST sequence number, per worker connection
-
-    def update(self, caps: dict[str, Any]) -> None:
-        self.caps = caps
-        self.models: dict[str, dict[str, Any]] = {}
-        for m in caps.get("models") or []:
-            if isinstance(m, dict) and isinstance(m.get("name"), str):
-                m.setdefault("slots", 1)
-                m.setdefault("operations", [])
-                m.setdefault("meta", {})
-                self.models[m["name"]] = m
-
-    def free(self, model: str) -> int:
-        busy = sum(1 for m in self.running.values() if m == model)
-        return max(0, int(self.models[model]["slots"]) - busy)
-
-    @property
-    def kinds(self) -> set[str]:
-        return {m.get("kind", "text") for m in self.models.values()}
-
-    def summary(self) -> dict[str, Any]:
-        current = [job for job, _ in self.running]
-        kinds = sorted(self.kinds)
-        return {
-            "id": self.name,
-            "type": "+".join({"text": "llm", "image": "sd"}.get(k, k) for k in kinds) or "none",
-            "status": "draining" if self.draining else "busy" if self.running else "idle",
-            "current_job": current[0] if current else None,
-            "jobs_in_flight": len(self.running),
-            "jobs_done": self.jobs_done,
-            "host": self.caps.get("host"),
-            "device": self.caps.get("device"),
-            "memory_total_mb": self.caps.get("memory_total_mb"),
-            "memory_free_mb": self.caps.get("memory_free_mb"),
-            "models": [{"name": n, "slots": m["slots"], "free": self.free(n), "kind": m.get("kind")}
-                       for n, m in sorted(self.models.items())],
-            "failures": self.caps.get("failures") or [],
-            "heartbeat_age_s": round(time.monotonic() - self.last_seen, 3),
-        }
-
-
-class JobRecord:
-    """A job accepted by the router, from submission to its one result or error."""
-
-    def __init__(self, job: Job):
-        self.job = job
-        self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        self.worker: WorkerState | None = None
-        self.text_so_far = ""
-        self.tokens_so_far = 0
-        self.progress: dict[str, Any] = {}
-        self.done = False
-        self.created = time.time()
-        self.last_activity = time.monotonic()
-        self.failovers = 0
-        self.progress_count = -1
-        self.dispatch_seq = 0
-
-    @property
-    def visible(self) -> bool:
-        return bool(self.text_so_far)
 
 
 class Scheduler:

@@ -21,12 +21,10 @@ import time
 from typing import Any
 
 from velesio.backends import samplers as _samplers
-from velesio.mesh.jobs import IMAGE_LIMITS
 
 from ..errors import invalid
 from ..validation import get_bool, get_float, get_int, get_str
 
-DEFAULT_LIMITS = IMAGE_LIMITS
 MIN_SIDE = 64  # A1111's smallest width/height
 CFG_RANGE = (0.0, 30.0)  # A1111's slider is 1..30; 0 is allowed for guidance-free (distilled) models
 MAX_SEED = 2**63 - 1
@@ -308,98 +306,11 @@ def parse(op: str, body: dict[str, Any], options: dict[str, Any] | None = None) 
                         job_timestamp=time.strftime("%Y%m%d%H%M%S"))
 
 
-def limits(meta: dict[str, Any] | None) -> dict[str, int]:
-    meta = meta or {}
-    out = dict(DEFAULT_LIMITS)
-    for key in out:
-        value = meta.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            out[key] = value
-    return out
-
-
-def check_limits(req: ImageRequest, model: str, meta: dict[str, Any] | None) -> None:
-    """Refuse, before dispatch, what the chosen model advertises it cannot do."""
-    lim = limits(meta)
-    p = req.params
-    for name, key in (("width", "max_width"), ("height", "max_height")):
-        if p[name] > lim[key]:
-            raise invalid(name, f"must be <= {lim[key]} for model '{model}', got {p[name]}")
-    if p["width"] * p["height"] > lim["max_pixels"]:
-        raise invalid("width", f"width x height must be <= {lim['max_pixels']} pixels for model '{model}', "
-                               f"got {p['width']}x{p['height']}")
-    if p["steps"] > lim["max_steps"]:
-        raise invalid("steps", f"must be between 1 and {lim['max_steps']} for model '{model}', got {p['steps']}")
-    if p["batch_size"] > lim["max_batch"]:
-        raise invalid("batch_size", f"must be between 1 and {lim['max_batch']} for model '{model}', "
-                                    f"got {p['batch_size']}")
-    if p["n_iter"] > lim["max_iter"]:
-        raise invalid("n_iter", f"must be between 1 and {lim['max_iter']} for model '{model}', got {p['n_iter']}")
-    offered = (meta or {}).get("samplers")
-    if isinstance(offered, list) and offered and p["sampler_name"] not in offered:
-        raise invalid("sampler_name", f"model '{model}' does not offer sampler {p['sampler_name']!r}; "
-                                      f"valid samplers: {', '.join(map(str, offered))}")
-
-
-# ---- models -------------------------------------------------------------------------------------
 def model_hash(meta: dict[str, Any]) -> str | None:
     value = meta.get("hash")
     return str(value) if value else None
 
 
-def titles(image_models: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """model name -> A1111 title: the model's advertised title ("file [hash]") when no other live image
-    model has the same one, else "name [hash]" (titles are how A1111 clients name checkpoints)."""
-    advertised: dict[str, str] = {}
-    for name, info in image_models.items():
-        meta = info.get("meta") or {}
-        h = model_hash(meta)
-        advertised[name] = str(meta.get("title") or (f"{name} [{h}]" if h else name))
-    counts: dict[str, int] = {}
-    for title in advertised.values():
-        counts[title] = counts.get(title, 0) + 1
-    out = {}
-    for name, title in advertised.items():
-        if counts[title] > 1:
-            h = model_hash(image_models[name].get("meta") or {})
-            title = f"{name} [{h}]" if h else name
-        out[name] = title
-    return out
-
-
-def match_model(requested: str, image_models: dict[str, dict[str, Any]]) -> str | None:
-    """The model a client names: its name, its title, its advertised title, the title without the hash,
-    its file name or its hash; exact first, then case-insensitive."""
-    if requested in image_models:
-        return requested
-    named = titles(image_models)
-    keys: list[tuple[str, str]] = []
-    for name, info in image_models.items():
-        meta = info.get("meta") or {}
-        candidates = [named[name], str(meta.get("title") or ""), str(meta.get("model_name") or "")]
-        candidates += [c.rsplit(" [", 1)[0] for c in candidates if c.endswith("]")]
-        filename = str(meta.get("filename") or "")
-        if filename:
-            base = re.split(r"[\\/]", filename.rstrip("/\\"))[-1]
-            candidates += [filename, base, base.rsplit(".", 1)[0]]
-        h = model_hash(meta)
-        if h:
-            candidates.append(h)
-        keys += [(c, name) for c in candidates if c]
-    for exact in (True, False):
-        for key, name in keys:
-            if (key == requested) if exact else (key.lower() == requested.strip().lower()):
-                return name
-    return None
-
-
-def sd_model_entry(name: str, title: str, meta: dict[str, Any]) -> dict[str, Any]:
-    h = model_hash(meta)
-    return {"title": title, "model_name": name, "hash": h, "sha256": meta.get("sha256") or h,
-            "filename": meta.get("filename") or name, "config": None}
-
-
-# ---- responses ----------------------------------------------------------------------------------
 def render(req: ImageRequest, result: dict[str, Any], model: str, meta: dict[str, Any] | None) -> dict[str, Any]:
     """The A1111 response: raw base64 PNGs, the request echo, and ``info`` as a JSON string."""
     meta = meta or {}
