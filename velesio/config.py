@@ -113,9 +113,14 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    router_raw = dict(raw.get("router") or {})
+    router_raw = raw.get("router") or {}
+    if not isinstance(router_raw, dict):
+        raise ConfigError("router: must be a mapping")
+    router_raw = dict(router_raw)
     tokens = _parse_tokens(router_raw.pop("tokens", None))
     limits_raw = router_raw.pop("token_limits", None) or {}
+    if not isinstance(limits_raw, dict):
+        raise ConfigError("router.token_limits: must be a mapping of token name to limits")
     rate_raw = router_raw.pop("rate_limit", None)
     router = _fill(RouterConfig, router_raw, "router")
     router.tokens = tokens

@@ -44,16 +44,19 @@ def model_configs(entries: list[dict[str, Any]] | None, backends: dict[str, type
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not entry.get("name") or not entry.get("backend"):
             raise ValueError(f"worker.models[{i}]: needs at least name and backend")
-        unknown = set(entry) - {"name", "backend", "path", "slots", "options", "embedded"}
+        unknown = set(entry) - {"name", "backend", "path", "slots", "options"}
         if unknown:
             raise ValueError(f"worker.models[{i}]: unknown key(s) {', '.join(sorted(unknown))}")
+        slots = entry.get("slots", 1)
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"worker.models[{i}].slots: a whole number >= 1, not {slots!r}")
         cfg = ModelConfig(name=str(entry["name"]), backend=str(entry["backend"]),
                           path=os.path.expanduser(str(entry["path"])) if entry.get("path") else None,
-                          slots=int(entry.get("slots", 1)), options=dict(entry.get("options") or {}))
-        if entry.get("embedded") or (cfg.path is None and cfg.backend in backends):
-            # "embedded: true" (or no path) takes the path the backend ships for this model, if any.
-            shipped = {m.name: m for m in backends[cfg.backend].embedded_models()} if cfg.backend in backends else {}
-            if cfg.name in shipped and cfg.path is None:
+                          slots=slots, options=dict(entry.get("options") or {}))
+        if cfg.path is None and cfg.backend in backends:
+            # No path: the file the backend ships for a model of this name (the embedded defaults), if any.
+            shipped = {m.name: m for m in backends[cfg.backend].embedded_models()}
+            if cfg.name in shipped:
                 cfg.path = shipped[cfg.name].path
                 cfg.options = {**shipped[cfg.name].options, **cfg.options}
         configs.append(cfg)
