@@ -9,6 +9,10 @@ import msgpack
 from .protocol import Command
 
 
+# Frames smaller than this are copied into ZeroMQ when sent (cheaper than tracking zero-copy buffers).
+COPY_THRESHOLD = 65536
+
+
 class DecodeError(ValueError):
     """A frame that is not a valid VMP message."""
 

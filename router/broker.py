@@ -8,12 +8,13 @@ import logging
 import zmq
 import zmq.asyncio
 
+from velesio.mesh.codec import COPY_THRESHOLD
+
 from .scheduler import Scheduler
 
 log = logging.getLogger("velesio.router")
 
 RECV_BATCH = 256  # frames read in one go before the event loop gets a turn
-COPY_THRESHOLD = 65536  # frames smaller than this are copied into ZeroMQ (cheaper than tracking them)
 _NOBLOCK, _RCVMORE = int(zmq.NOBLOCK), int(zmq.RCVMORE)
 
 
@@ -26,7 +27,7 @@ class Broker:
 
     def __init__(self, bind: str, *, curve=None):
         self.bind = bind
-        self.curve = curve  # router/curve.py settings, or None for plain TCP
+        self.curve = curve  # mesh/curve.py CurveServer, or None for plain TCP
         self.ctx = zmq.asyncio.Context()
         self.socket: zmq.Socket | None = None
         self.scheduler: Scheduler | None = None

@@ -50,12 +50,7 @@ def dumps_bytes(obj: Any) -> bytes:
 
 
 def dumps(obj: Any) -> str:
-    if orjson is not None:
-        try:
-            return orjson.dumps(obj, option=_ORJSON_OPTS).decode()
-        except TypeError:
-            pass
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return dumps_bytes(obj).decode()
 
 
 def sse(event: Any) -> bytes:

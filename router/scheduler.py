@@ -139,11 +139,15 @@ class Scheduler:
             queue.remove(rec)
             self._finish(rec, "error", ApiError("cancelled", "cancelled"))
             return
+        self._send_cancel(rec, keep)
+        if not keep:
+            self._finish(rec, "error", ApiError("cancelled", "cancelled"))
+
+    def _send_cancel(self, rec: JobRecord, keep: bool = False) -> None:
+        """Tell the worker running ``rec`` (if any) to stop it; ``keep``: return what is done (A1111 interrupt)."""
         if rec.worker is not None:
             self.send(rec.worker.identity, codec.encode(Command.CANCEL, {
                 "job": rec.job.id, "attempt": rec.job.attempt, "keep": keep}))
-        if not keep:
-            self._finish(rec, "error", ApiError("cancelled", "cancelled"))
 
     # ---- dispatch ----------------------------------------------------------------------------
     def _candidates(self, job: Job) -> list[WorkerState]:
@@ -359,8 +363,7 @@ class Scheduler:
         for rec in list(self.jobs.values()):
             if rec.worker is not None and now - rec.last_activity > self.job_stall_s:
                 stuck = rec.worker
-                self.send(stuck.identity, codec.encode(Command.CANCEL, {"job": rec.job.id,
-                                                                        "attempt": rec.job.attempt}))
+                self._send_cancel(rec)
                 self._fail_over(rec, f"no progress on worker {stuck.name} for {self.job_stall_s:.0f}s")
 
     def heartbeat(self) -> None:
@@ -371,9 +374,7 @@ class Scheduler:
     def abort_all(self, err: ApiError) -> None:
         """End every job still open with ``err`` (router shutdown after its drain time)."""
         for rec in list(self.jobs.values()):
-            if rec.worker is not None:
-                self.send(rec.worker.identity, codec.encode(Command.CANCEL, {"job": rec.job.id,
-                                                                             "attempt": rec.job.attempt}))
+            self._send_cancel(rec)
             self._finish(rec, "error", err)
         for queue in self.queues.values():
             queue.clear()

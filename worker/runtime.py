@@ -18,15 +18,13 @@ import zmq.asyncio
 
 from velesio.backends import BackendError, Cancelled, JobContext
 from velesio.mesh import codec, protocol
+from velesio.mesh.codec import COPY_THRESHOLD
 from velesio.mesh.jobs import Job
 from velesio.mesh.protocol import Command
 
 from .models import LoadedModel, device_info
 
 log = logging.getLogger("velesio.worker")
-
-COPY_THRESHOLD = 65536  # frames smaller than this are copied into ZeroMQ (cheaper than tracking them)
-
 
 class Worker:
     """Serves loaded models to one or more routers."""
@@ -52,8 +50,11 @@ class Worker:
     def __repr__(self) -> str:
         return f"<Worker {self.name} models={list(self.models)} running={len(self.running)} done={self.jobs_done}>"
 
-    def capabilities(self) -> dict[str, Any]:
+    def refresh_memory(self) -> None:
         self.device.update({k: v for k, v in device_info().items() if k.startswith("memory")})
+
+    def capabilities(self) -> dict[str, Any]:
+        self.refresh_memory()
         return {"host": socket.gethostname(), "pid": os.getpid(), **self.device,
                 "models": [m.advert() for m in self.models.values()], "failures": self.failures}
 
@@ -220,15 +221,19 @@ class RouterLink:
         self.last_heard = time.monotonic()
         self.greet()
 
+    def _jobs(self) -> dict[str, JobContext]:
+        """The jobs this router gave us that are still running, by job id."""
+        return {job_id: ctx for (job_id, _), (ctx, link) in self.worker.running.items() if link is self}
+
     def greet(self) -> None:
         self.seen_seq = 0  # a router that registers us anew numbers its REQUESTs from 1
-        running = {job_id: ctx.job.model for (job_id, _), (ctx, link) in self.worker.running.items() if link is self}
+        running = {job_id: ctx.job.model for job_id, ctx in self._jobs().items()}
         self.send(Command.READY, {"version": protocol.VERSION, "worker": self.worker.name,
                                   "capabilities": self.worker.capabilities(), "running": running})
 
     def heartbeat(self) -> None:
-        progress = {job_id: ctx.progress_n for (job_id, _), (ctx, link) in self.worker.running.items()
-                    if link is self}
+        progress = {job_id: ctx.progress_n for job_id, ctx in self._jobs().items()}
+        self.worker.refresh_memory()
         self.send(Command.HEARTBEAT, {"load": self.worker.load(), "jobs": list(progress), "progress": progress,
                                       "seen": self.seen_seq,
                                       "draining": self.worker.draining,
