@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--e2e-threads", type=int, help="llama.cpp threads in the end-to-end scenario (default 2)")
     p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
                    help="event loop of the router and workers (uvloop: installed before their main())")
+    p.add_argument("--client", choices=("wrk", "python"), default="wrk",
+                   help="load generator of the overhead scenario (wrk when installed: apt-get install wrk)")
     p.add_argument("--no-floor", action="store_true", help="skip the bare-aiohttp floor in the overhead scenario")
     p.add_argument("--profile", action="store_true",
                    help="sample the router with py-spy during overhead and stream (bench/results/profile-*.txt)")
@@ -59,6 +61,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             setattr(s, field, getattr(args, arg))
     s.floor = not args.no_floor
     s.profile = args.profile
+    s.client = args.client
     return s
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from . import wrk
 from .cluster import Cluster, CpuMeter, Proc, free_port, rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +42,7 @@ class Settings:
     idle_streams: int = 1000
     loop: str = "asyncio"  # the router's and workers' event loop: asyncio, or uvloop through a shim
     profile: bool = False  # py-spy the router during scenarios 1 and 2
+    client: str = "wrk"  # scenario 1's load generator: wrk (when installed) or python (bench/loadgen.py)
     results: Path = ROOT / "bench" / "results"
 
     @classmethod
@@ -140,6 +142,27 @@ def in_process(n: int = 20000) -> dict[str, float]:
 OVERHEAD_BODY = {"prompt": "Hello", "n_predict": 16}
 
 
+def client_name(s: Settings) -> str:
+    return "wrk" if s.client == "wrk" and wrk.available() else "python"
+
+
+def requests_load(s: Settings, url: str, headers: dict[str, str], body: dict[str, Any], concurrency: int,
+                  meter: CpuMeter | None = None) -> dict[str, Any]:
+    """A closed loop of ``concurrency`` clients: warm-up, then ``s.duration`` seconds measured (``meter``
+    runs over the measured part only). wrk when installed and asked for, else the Python load generator."""
+    if client_name(s) == "wrk":
+        wrk.run(url, headers, body, concurrency=concurrency, duration_s=s.warmup)
+        if meter is not None:
+            meter.start()
+        return wrk.run(url, headers, body, concurrency=concurrency, duration_s=s.duration)
+    if meter is not None:
+        meter.start()  # the Python client counts CPU over its warm-up too (completed_all)
+    res = loadgen({"mode": "requests", "url": url, "headers": headers, "body": body, "concurrency": concurrency,
+                   "warmup": s.warmup, "duration": s.duration})
+    lat = [x / 1e3 for x in res["latencies_us"]]
+    return {**res, "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)}
+
+
 def overhead(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
     base = in_process()
     log(f"  in-process run(): p50 {base['p50_ms'] * 1e3:.1f} us, p99 {base['p99_ms'] * 1e3:.1f} us")
@@ -156,16 +179,13 @@ def overhead(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
         with Profiler(s, mesh.router.pid, "overhead", log):
             for c in s.concurrencies:
                 meter = CpuMeter(mesh.pids())
-                meter.start()
-                res = loadgen({"mode": "requests", "url": mesh.url + "/completion", "headers": mesh.headers,
-                               "body": OVERHEAD_BODY, "concurrency": c, "warmup": s.warmup, "duration": s.duration})
+                res = requests_load(s, mesh.url + "/completion", mesh.headers, OVERHEAD_BODY, c, meter)
                 cpu = meter.stop()
-                lat = [x / 1e3 for x in res["latencies_us"]]
-                total = max(1, res["completed_all"])  # CPU was metered over warm-up and window
-                row = {"concurrency": c, "rps": res["completed"] / res["window_s"], "requests": len(lat),
+                total = max(1, res["completed_all"])  # CPU was metered over what the client counted
+                row = {"concurrency": c, "rps": res["completed"] / res["window_s"], "requests": res["completed"],
                        "errors": res["errors"], "error_sample": res["error_sample"],
-                       "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
-                       "added_p50_ms": pct(lat, 50) - base["p50_ms"], "added_p99_ms": pct(lat, 99) - base["p99_ms"],
+                       "p50_ms": res["p50_ms"], "p99_ms": res["p99_ms"],
+                       "added_p50_ms": res["p50_ms"] - base["p50_ms"], "added_p99_ms": res["p99_ms"] - base["p99_ms"],
                        "router_cpu_us": cpu["router"] / total * 1e6,
                        "worker_cpu_us": cpu["worker:bench-1"] / total * 1e6,
                        "client_cpu_us": res["cpu_s"] / total * 1e6}
@@ -181,17 +201,15 @@ def overhead(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
         try:
             _wait_port(port, proc)
             for c in s.concurrencies:
-                res = loadgen({"mode": "requests", "url": f"http://127.0.0.1:{port}/completion",
-                               "headers": {"Content-Type": "application/json"}, "body": OVERHEAD_BODY,
-                               "concurrency": c, "warmup": s.warmup, "duration": s.duration})
-                lat = [x / 1e3 for x in res["latencies_us"]]
+                res = requests_load(s, f"http://127.0.0.1:{port}/completion", {"Content-Type": "application/json"},
+                                    OVERHEAD_BODY, c)
                 floor.append({"concurrency": c, "rps": res["completed"] / res["window_s"],
-                              "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)})
+                              "p50_ms": res["p50_ms"], "p99_ms": res["p99_ms"]})
                 log(f"  floor c={c:<4} {floor[-1]['rps']:8.0f} req/s  p50 {floor[-1]['p50_ms']:.2f} ms  "
                     f"p99 {floor[-1]['p99_ms']:.2f} ms")
         finally:
             proc.stop()
-    return {"in_process": base, "reply_bytes": reply_size, "rows": rows, "floor": floor}
+    return {"in_process": base, "reply_bytes": reply_size, "client": client_name(s), "rows": rows, "floor": floor}
 
 
 def _wait_port(port: int, proc: Proc, timeout: float = 30) -> None:

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import logging
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 from typing import Any
 
 import zmq
-import zmq.asyncio
 
-from velesio.backends import BackendError, Cancelled, JobContext
+from velesio.backends import BackendError, JobContext
 from velesio.mesh import codec, protocol
 from velesio.mesh.codec import COPY_THRESHOLD
 from velesio.mesh.jobs import Job
@@ -25,6 +24,10 @@ from velesio.mesh.protocol import Command
 from .models import LoadedModel, device_info
 
 log = logging.getLogger("velesio.worker")
+
+RECV_BATCH = 256  # frames read in one go before the event loop gets a turn
+_NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
+
 
 class Worker:
     """Serves loaded models to one or more routers."""
@@ -39,10 +42,11 @@ class Worker:
         self.liveness = liveness
         self.drain_s = drain_s
         self.curve = curve
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = zmq.Context()
         slots = sum(m.config.slots for m in models) or 1
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=slots + 2, thread_name_prefix="job")
         self.running: dict[tuple[str, int], tuple[JobContext, "RouterLink"]] = {}
+        self.lock = threading.Lock()  # slots and ``running``: taken on the event loop, given back by job threads
         self.draining = False
         self.jobs_done = 0
         self.device = device_info()
@@ -72,7 +76,9 @@ class Worker:
         deadline = time.monotonic() + self.drain_s
         while self.running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for ctx, _link in list(self.running.values()):
+        with self.lock:
+            still = list(self.running.values())
+        for ctx, _link in still:
             ctx.cancel()
         for link in links:
             link.send(Command.DISCONNECT, {"reason": protocol.REASON_LEAVING})
@@ -87,6 +93,7 @@ class Worker:
 
     # ---- jobs --------------------------------------------------------------------------------
     def start_job(self, link: "RouterLink", body: dict[str, Any]) -> None:
+        """A REQUEST (on the event loop): take a slot and hand the job to a thread of the pool."""
         if isinstance(body.get("seq"), int):
             link.seen_seq = max(link.seen_seq, body["seq"])  # echoed in heartbeats
         try:
@@ -99,44 +106,56 @@ class Worker:
             link.send(Command.ERROR, {"job": job.id, "attempt": job.attempt, "code": "model_not_found",
                                       "message": f"this worker does not serve {job.op} on '{job.model}'"})
             return
-        if model.free <= 0 or self.draining:
-            link.send(Command.ERROR, {"job": job.id, "attempt": job.attempt, "code": "busy", "message": "busy"})
-            return
-        model.busy += 1
-        loop = asyncio.get_running_loop()
         key = (job.id, job.attempt)
 
         def emit(chunk: dict[str, Any]) -> None:
             ctx.progress_n += 1  # reported in heartbeats: the router's proof that the job is not stuck
             if job.stream or "step" in chunk:
-                link.post(loop, Command.PARTIAL, {"job": job.id, "attempt": job.attempt, "chunk": chunk})
+                link.send(Command.PARTIAL, {"job": job.id, "attempt": job.attempt, "chunk": chunk})
 
         ctx = JobContext(job, emit)
-        self.running[key] = (ctx, link)
+        with self.lock:
+            if model.free <= 0 or self.draining:
+                busy = True
+            else:
+                busy = False
+                model.busy += 1
+                self.running[key] = (ctx, link)
+        if busy:
+            link.send(Command.ERROR, {"job": job.id, "attempt": job.attempt, "code": "busy", "message": "busy"})
+            return
         log.debug("job %s attempt %d: %s on %s", job.id, job.attempt, job.op, job.model)
-        future = loop.run_in_executor(self.executor, model.backend.run, job, ctx)
-        future.add_done_callback(lambda f: self._end_job(key, model, link, f))
+        self.executor.submit(self._run_job, key, model, link, job, ctx)
 
-    def _end_job(self, key: tuple[str, int], model: LoadedModel, link: "RouterLink", future) -> None:
-        model.busy -= 1
-        self.running.pop(key, None)
-        self.jobs_done += 1
-        job_id, attempt = key
-        base = {"job": job_id, "attempt": attempt}
-        exc = future.exception() if not future.cancelled() else Cancelled("cancelled")
-        log.info("job %s attempt %d on %s: %s", job_id, attempt, model.config.name,
-                 "ok" if exc is None else getattr(exc, "code", type(exc).__name__), extra={"job": job_id})
+    def _run_job(self, key: tuple[str, int], model: LoadedModel, link: "RouterLink", job: Job,
+                 ctx: JobContext) -> None:
+        """In a job thread: run the backend, free the slot, send the one FINAL or ERROR from here (the
+        event loop is not woken for it)."""
+        try:
+            result, exc = model.backend.run(job, ctx), None
+        except BaseException as err:  # noqa: BLE001 - every failure becomes the job's one ERROR
+            result, exc = None, err
+        # The slot is free before the router hears of the end: it may send the next job at once.
+        with self.lock:
+            model.busy -= 1
+            self.running.pop(key, None)
+            self.jobs_done += 1
+        base = {"job": job.id, "attempt": job.attempt}
         if exc is None:
+            log.info("job %s attempt %d on %s: ok", job.id, job.attempt, model.config.name, extra={"job": job.id})
             try:
-                link.send(Command.FINAL, {**base, "result": future.result()})
+                link.send(Command.FINAL, {**base, "result": result})
+                return
             except (TypeError, ValueError) as err:  # a result msgpack cannot carry (a backend bug)
-                log.error("job %s: result of %s cannot be sent: %s", job_id, model.config.backend, err)
+                log.error("job %s: result of %s cannot be sent: %s", job.id, model.config.backend, err)
                 link.send(Command.ERROR, {**base, "code": "internal_error",
                                           "message": f"backend {model.config.backend} returned an unsendable result"})
         elif isinstance(exc, BackendError):
+            log.info("job %s attempt %d on %s: %s", job.id, job.attempt, model.config.name, exc.code,
+                     extra={"job": job.id})
             link.send(Command.ERROR, {**base, "code": exc.code, "message": str(exc) or exc.code})
         else:
-            log.error("job %s failed: %s: %s", job_id, type(exc).__name__, exc, exc_info=exc)
+            log.error("job %s failed: %s: %s", job.id, type(exc).__name__, exc, exc_info=exc)
             link.send(Command.ERROR, {**base, "code": "internal_error",
                                       "message": f"the backend failed: {type(exc).__name__}: {exc}"})
 
@@ -147,63 +166,88 @@ class Worker:
 
 
 class RouterLink:
-    """One DEALER connection to one router, with Paranoid-Pirate style liveness and reconnects."""
+    """One DEALER connection to one router, with Paranoid-Pirate style liveness and reconnects.
+
+    The DEALER is a plain ZeroMQ socket shared by the event loop and the job threads under one lock: the
+    loop reads (it watches the socket's descriptor and reads every frame that has arrived, as the router's
+    broker does) and sends READY and HEARTBEAT; job threads send their PARTIALs and their FINAL themselves,
+    so a token or a result costs no wake-up of the loop. ZeroMQ's descriptor is edge-triggered and any use
+    of the socket may consume its edge, so a send that finds frames waiting schedules a read."""
 
     def __init__(self, worker: Worker, address: str):
         self.worker = worker
         self.address = address
-        self.sock: zmq.asyncio.Socket | None = None
+        self.sock: zmq.Socket | None = None
         self.welcomed = False
         self.last_heard = 0.0
-        self._outbox: collections.deque[tuple[Command, dict[str, Any]]] = collections.deque()
-        self._flush_scheduled = False
         self.seen_seq = 0  # highest REQUEST sequence number received on this connection
+        self._lock = threading.Lock()  # a ZeroMQ socket is not thread-safe; every use holds this
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._fd: int | None = None
+        self._read_scheduled = False
 
     def send(self, command: Command, body: dict[str, Any] | None = None) -> None:
-        """Send now (on the event loop). Messages posted earlier from job threads go first."""
-        if self.sock is None:
-            return
-        if self._outbox:
-            self._flush()
-        self._send_frame(codec.encode(command, body))
-
-    def post(self, loop: asyncio.AbstractEventLoop, command: Command, body: dict[str, Any]) -> None:
-        """Send from a job's thread. Messages are queued and the event loop, woken once for all that arrive
-        before it runs, sends them in order: a token stream costs one wake-up per batch, not per token."""
-        self._outbox.append((command, body))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon_threadsafe(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False  # before reading the queue: a message posted from now on schedules again
-        outbox = self._outbox
-        # Only what is queued now: job threads may post faster than this sends, and heartbeats and REQUESTs
-        # must not wait behind an endless flush. The rest goes on the next loop turn.
-        for _ in range(len(outbox)):
-            command, body = outbox.popleft()
-            if self.sock is None:
-                continue
+        """Send now, from the event loop or a job thread. Raises TypeError/ValueError for a body msgpack
+        cannot carry."""
+        frame = codec.encode(command, body)
+        with self._lock:
+            sock = self.sock
+            if sock is None:
+                return
             try:
-                frame = codec.encode(command, body)
-            except (TypeError, ValueError) as exc:  # a chunk msgpack cannot carry (a backend bug)
-                log.error("dropping a %s that cannot be encoded: %s", command.name, exc)
-                continue
-            self._send_frame(frame)
-        if outbox and not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+                # Never blocks: a DEALER queues for its router, and drops only at the high-water mark.
+                sock.send(frame, _NOBLOCK, copy=len(frame) < COPY_THRESHOLD)
+            except zmq.ZMQError as exc:
+                log.debug("send to %s failed: %s", self.address, exc)
+                return
+            waiting = sock.get(_EVENTS) & _POLLIN
+        if waiting:
+            self._wake_reader()
 
-    def _send_frame(self, frame: bytes) -> None:
-        if self.sock is None:
+    def _wake_reader(self) -> None:
+        loop = self._loop
+        if loop is None:
             return
-        try:
-            fut = self.sock.send(frame, copy=len(frame) < COPY_THRESHOLD)
-        except zmq.ZMQError as exc:
-            log.debug("send to %s failed: %s", self.address, exc)
-            return
-        if not fut.done():
-            fut.add_done_callback(lambda f: f.exception())
+        if threading.get_ident() == self._loop_thread:
+            self._schedule_read()
+        else:
+            try:
+                loop.call_soon_threadsafe(self._schedule_read)
+            except RuntimeError:  # the loop is closed: the worker is stopping
+                pass
+
+    def _schedule_read(self) -> None:
+        if not self._read_scheduled and self._loop is not None:
+            self._read_scheduled = True
+            self._loop.call_soon(self._read)
+
+    def _read(self) -> None:
+        """Process what has arrived: at most RECV_BATCH frames per loop turn."""
+        self._read_scheduled = False
+        for _ in range(RECV_BATCH):
+            with self._lock:
+                sock = self.sock
+                if sock is None:
+                    return
+                try:
+                    frame = sock.recv(_NOBLOCK)
+                except zmq.Again:
+                    return  # nothing left: ZeroMQ raises the descriptor's edge for the next frame
+                except zmq.ZMQError as exc:
+                    log.warning("mesh receive from %s failed: %s", self.address, exc)
+                    return
+            try:
+                command, body = codec.decode(frame)
+            except codec.DecodeError as exc:
+                log.warning("bad frame from router %s: %s", self.address, exc)
+                continue
+            self.last_heard = time.monotonic()
+            try:
+                self.process(command, body)
+            except Exception:  # never let one bad message stop the link
+                log.exception("error while processing a %s from router %s", command.name, self.address)
+        self._schedule_read()
 
     def _connect(self) -> None:
         self.close()
@@ -216,14 +260,20 @@ class RouterLink:
         if self.worker.curve is not None:
             self.worker.curve.apply_client(sock)
         sock.connect(self.address)
-        self.sock = sock
+        self._fd = sock.getsockopt(zmq.FD)
+        with self._lock:
+            self.sock = sock
+        self._loop.add_reader(self._fd, self._read)
         self.welcomed = False
         self.last_heard = time.monotonic()
         self.greet()
+        self._schedule_read()  # frames may be waiting already, and the edge is not raised again for them
 
     def _jobs(self) -> dict[str, JobContext]:
         """The jobs this router gave us that are still running, by job id."""
-        return {job_id: ctx for (job_id, _), (ctx, link) in self.worker.running.items() if link is self}
+        with self.worker.lock:
+            running = list(self.worker.running.items())
+        return {job_id: ctx for (job_id, _), (ctx, link) in running if link is self}
 
     def greet(self) -> None:
         self.seen_seq = 0  # a router that registers us anew numbers its REQUESTs from 1
@@ -240,40 +290,27 @@ class RouterLink:
                                       "memory_free_mb": self.worker.device.get("memory_free_mb")})
 
     def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close(0)
-            self.sock = None
+        if self._fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._fd = None
+        with self._lock:
+            sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close(0)
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Connect, then every heartbeat interval: beat (or greet until welcomed) and check the router is
+        alive; reconnect with backoff when it is silent too long. Frames are read by ``_read``."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         interval = self.worker.heartbeat_ms / 1000
         backoff = protocol.RECONNECT_MIN_S
         self._connect()
         log.info("connecting to router %s as %s", self.address, self.worker.name)
-        next_beat = time.monotonic() + interval
-        while True:
-            timeout = max(0.0, next_beat - time.monotonic())
-            events = await self.sock.poll(timeout * 1000, zmq.POLLIN)
-            now = time.monotonic()
-            if events:
-                try:
-                    command, body = codec.decode(await self.sock.recv())
-                except codec.DecodeError as exc:
-                    log.warning("bad frame from router %s: %s", self.address, exc)
-                    continue
-                self.last_heard = now
-                backoff = protocol.RECONNECT_MIN_S
-                if command == Command.DISCONNECT and body.get("reason") == protocol.REASON_VERSION:
-                    log.error("router %s refused this worker: %s", self.address, body.get("message"))
-                    await asyncio.sleep(protocol.RECONNECT_MAX_S)
-                    self._connect()
-                    continue
-                self.process(command, body)
-            if now >= next_beat:
-                next_beat = now + interval
-                if self.welcomed:
-                    self.heartbeat()
-                else:
-                    self.greet()
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                now = time.monotonic()
                 if now - self.last_heard > interval * self.worker.liveness:
                     log.warning("router %s silent for %.1fs; reconnecting in %.2fs", self.address,
                                 now - self.last_heard, backoff)
@@ -281,6 +318,15 @@ class RouterLink:
                     await asyncio.sleep(backoff + random.uniform(0, backoff / 4))
                     backoff = min(backoff * 2, protocol.RECONNECT_MAX_S)
                     self._connect()
+                    continue
+                if now - self.last_heard < interval:
+                    backoff = protocol.RECONNECT_MIN_S
+                if self.welcomed:
+                    self.heartbeat()
+                else:
+                    self.greet()
+        finally:
+            self.close()
 
     def process(self, command: Command, body: dict[str, Any]) -> None:
         if command == Command.WELCOME:
@@ -297,6 +343,9 @@ class RouterLink:
                 log.info("router %s does not know this worker (restarted?); announcing again", self.address)
                 self.welcomed = False
                 self.greet()
+            elif reason == protocol.REASON_VERSION:
+                log.error("router %s refused this worker: %s", self.address, body.get("message"))
+                self.last_heard = 0.0  # reconnect with backoff at the next beat, until an operator upgrades
             else:
                 log.warning("router %s disconnected: %s", self.address, reason)
                 self.last_heard = 0.0  # reconnect with backoff at the next beat
