@@ -4,12 +4,12 @@ the mesh and the backends see nothing else."""
 from __future__ import annotations
 
 import dataclasses
-import uuid
+import os
 from typing import Any
 
 
 def new_job_id() -> str:
-    return "j-" + uuid.uuid4().hex
+    return "j-" + os.urandom(16).hex()  # 128 random bits, as uuid4().hex, without building a UUID
 
 
 @dataclasses.dataclass

@@ -46,28 +46,48 @@ class MeshCollector(Collector):
         yield from (depth, workers, in_flight, age, free)
 
 
+class Labelled:
+    """A metric's children by label values, each looked up through ``labels()`` once: that call validates
+    and locks every time, a cost paid several times per request otherwise. Label values are bounded (model,
+    route, status and token names), as the metric's own children are."""
+
+    def __init__(self, metric: Any):
+        self.metric = metric
+        self.children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = self.metric.labels(*values)
+        return child
+
+
 class Metrics:
     """The router's metrics; also the scheduler's observer (``observe(event, rec, **data)``)."""
 
     def __init__(self, scheduler: Scheduler):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("velesio_requests", "HTTP requests", ["endpoint", "status", "token"], registry=r)
-        self.rate_limited = Counter("velesio_rate_limited", "Requests refused by rate limits", ["token"], registry=r)
-        self.queue_wait = Histogram("velesio_queue_wait_seconds", "Time from acceptance to dispatch", ["model"],
-                                    buckets=_LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("velesio_time_to_first_token_seconds", "Time from acceptance to the first token",
-                              ["model"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.job_seconds = Histogram("velesio_job_seconds", "Time from acceptance to the result", ["model", "op"],
-                                     buckets=_LATENCY_BUCKETS, registry=r)
-        self.tokens = Counter("velesio_generated_tokens", "Tokens generated", ["model"], registry=r)
-        self.tokens_per_second = Histogram("velesio_tokens_per_second", "Generation speed of each text job",
-                                           ["model"], buckets=(5, 10, 25, 50, 100, 200, 400, 800, 1600), registry=r)
-        self.image_steps = Counter("velesio_image_steps", "Denoising steps done", ["model"], registry=r)
-        self.jobs = Counter("velesio_jobs", "Jobs ended, by outcome", ["model", "op", "outcome"], registry=r)
-        self.failovers = Counter("velesio_failovers", "Jobs moved to another worker", ["model"], registry=r)
-        self.cancellations = Counter("velesio_cancellations", "Jobs cancelled (client gone, interrupt)", ["model"],
-                                     registry=r)
+        self.requests = Labelled(Counter("velesio_requests", "HTTP requests", ["endpoint", "status", "token"],
+                                         registry=r))
+        self.rate_limited = Labelled(Counter("velesio_rate_limited", "Requests refused by rate limits", ["token"],
+                                             registry=r))
+        self.queue_wait = Labelled(Histogram("velesio_queue_wait_seconds", "Time from acceptance to dispatch",
+                                             ["model"], buckets=_LATENCY_BUCKETS, registry=r))
+        self.ttft = Labelled(Histogram("velesio_time_to_first_token_seconds", "Time from acceptance to the first "
+                                       "token", ["model"], buckets=_LATENCY_BUCKETS, registry=r))
+        self.job_seconds = Labelled(Histogram("velesio_job_seconds", "Time from acceptance to the result",
+                                              ["model", "op"], buckets=_LATENCY_BUCKETS, registry=r))
+        self.tokens = Labelled(Counter("velesio_generated_tokens", "Tokens generated", ["model"], registry=r))
+        self.tokens_per_second = Labelled(Histogram("velesio_tokens_per_second", "Generation speed of each text job",
+                                                    ["model"], buckets=(5, 10, 25, 50, 100, 200, 400, 800, 1600),
+                                                    registry=r))
+        self.image_steps = Labelled(Counter("velesio_image_steps", "Denoising steps done", ["model"], registry=r))
+        self.jobs = Labelled(Counter("velesio_jobs", "Jobs ended, by outcome", ["model", "op", "outcome"],
+                                     registry=r))
+        self.failovers = Labelled(Counter("velesio_failovers", "Jobs moved to another worker", ["model"], registry=r))
+        self.cancellations = Labelled(Counter("velesio_cancellations", "Jobs cancelled (client gone, interrupt)",
+                                              ["model"], registry=r))
         r.register(MeshCollector(scheduler))
 
     def observe(self, event: str, rec: JobRecord, **data: Any) -> None:
@@ -75,26 +95,26 @@ class Metrics:
         elapsed = time.time() - rec.created
         if event == "dispatch":
             if job.attempt == 1:
-                self.queue_wait.labels(job.model).observe(elapsed)
+                self.queue_wait(job.model).observe(elapsed)
         elif event == "first_token":
-            self.ttft.labels(job.model).observe(elapsed)
+            self.ttft(job.model).observe(elapsed)
         elif event == "step":
-            self.image_steps.labels(job.model).inc()
+            self.image_steps(job.model).inc()
         elif event == "failover":
-            self.failovers.labels(job.model).inc()
+            self.failovers(job.model).inc()
         elif event == "cancel":
-            self.cancellations.labels(job.model).inc()
+            self.cancellations(job.model).inc()
         elif event == "end":
             outcome = data.get("outcome", "ok")
-            self.jobs.labels(job.model, job.op, outcome).inc()
-            self.job_seconds.labels(job.model, job.op).observe(elapsed)
+            self.jobs(job.model, job.op, outcome).inc()
+            self.job_seconds(job.model, job.op).observe(elapsed)
             result = data.get("result") or {}
             n = result.get("completion_tokens")
             if outcome == "ok" and isinstance(n, int) and n > 0:
-                self.tokens.labels(job.model).inc(n)
+                self.tokens(job.model).inc(n)
                 predicted_ms = (result.get("timings") or {}).get("predicted_ms")
                 if predicted_ms:
-                    self.tokens_per_second.labels(job.model).observe(n / (predicted_ms / 1000))
+                    self.tokens_per_second(job.model).observe(n / (predicted_ms / 1000))
 
 
 METRICS = web.AppKey("metrics", Metrics)
@@ -119,9 +139,9 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
     finally:
         metrics = request.app[METRICS]
         token = request.get(TOKEN_NAME, "none")
-        metrics.requests.labels(endpoint_label(request), str(status), token).inc()
+        metrics.requests(endpoint_label(request), str(status), token).inc()
         if status == 429:
-            metrics.rate_limited.labels(token).inc()
+            metrics.rate_limited(token).inc()
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

@@ -158,13 +158,16 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if request.path in UNMETERED_PATHS:  # status polls (A1111 UIs poll progress twice a second)
         return await handler(request)
     limiter = request.app[RATE_LIMITER]
-    async with limiter.admit(request[TOKEN_NAME]) as headers:
-        request[RATE_HEADERS] = headers
-        try:
-            response = await handler(request)
-        except ApiError as err:
-            err.headers.update(headers)
-            raise
-        if not response.prepared:
-            response.headers.update(headers)
-        return response
+    name = request[TOKEN_NAME]
+    headers = limiter.admit(name)
+    request[RATE_HEADERS] = headers
+    try:
+        response = await handler(request)
+    except ApiError as err:
+        err.headers.update(headers)
+        raise
+    finally:
+        limiter.release(name)
+    if not response.prepared:
+        response.headers.update(headers)
+    return response

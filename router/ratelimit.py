@@ -6,10 +6,8 @@ X-RateLimit-Reset (epoch seconds when the oldest request in the window leaves it
 from __future__ import annotations
 
 import collections
-import contextlib
 import math
 import time
-from typing import AsyncIterator
 
 from aiohttp import web
 
@@ -29,8 +27,9 @@ class RateLimiter:
     def limits(self, name: str) -> TokenLimits:
         return self.per_token.get(name, self.default)
 
-    @contextlib.asynccontextmanager
-    async def admit(self, name: str) -> AsyncIterator[dict[str, str]]:
+    def admit(self, name: str) -> dict[str, str]:
+        """Count a request of token ``name`` and return its X-RateLimit-* headers, or raise 429. Every
+        admitted request is given back with ``release(name)`` when it ends."""
         limits = self.limits(name)
         now = time.time()
         window = self.windows[name]
@@ -49,10 +48,10 @@ class RateLimiter:
                                     "Retry-After": "1"})
         window.append(now)
         self.active[name] += 1
-        try:
-            yield self._headers(limits, limits.requests_per_minute - len(window), reset)
-        finally:
-            self.active[name] -= 1
+        return self._headers(limits, limits.requests_per_minute - len(window), reset)
+
+    def release(self, name: str) -> None:
+        self.active[name] -= 1
 
     @staticmethod
     def _headers(limits: TokenLimits, remaining: int, reset: int) -> dict[str, str]:

@@ -15,7 +15,8 @@ class WorkerState:
         self.name = str(greeting.get("worker") or identity.decode(errors="replace"))
         self.version = str(greeting.get("version"))
         self.update(greeting.get("capabilities") or {})
-        self.running: dict[tuple[str, int], str] = {}  # (job id, attempt) -> model
+        self.running: dict[tuple[str, int], str] = {}  # (job id, attempt) -> model; change it through
+        self.busy: dict[str, int] = {}  # model -> jobs running; start_job / end_job / clear_jobs keep both
         self.last_seen = time.monotonic()
         self.registered_at = time.time()
         self.jobs_done = 0
@@ -33,9 +34,24 @@ class WorkerState:
                 m.setdefault("meta", {})
                 self.models[m["name"]] = m
 
+    def start_job(self, key: tuple[str, int], model: str) -> None:
+        if key not in self.running:
+            self.running[key] = model
+            self.busy[model] = self.busy.get(model, 0) + 1
+
+    def end_job(self, key: tuple[str, int]) -> str | None:
+        """The model of a job that ended, None for a job this worker was not running."""
+        model = self.running.pop(key, None)
+        if model is not None:
+            self.busy[model] -= 1
+        return model
+
+    def clear_jobs(self) -> None:
+        self.running.clear()
+        self.busy.clear()
+
     def free(self, model: str) -> int:
-        busy = sum(1 for m in self.running.values() if m == model)
-        return max(0, int(self.models[model]["slots"]) - busy)
+        return max(0, int(self.models[model]["slots"]) - self.busy.get(model, 0))
 
     @property
     def kinds(self) -> set[str]:

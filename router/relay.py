@@ -53,6 +53,12 @@ def dumps(obj: Any) -> str:
     return dumps_bytes(obj).decode()
 
 
+def json_response(obj: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """``web.json_response`` with the body encoded once, straight to bytes."""
+    return web.Response(body=dumps_bytes(obj), status=status, content_type="application/json", charset="utf-8",
+                        headers=headers)
+
+
 def sse(event: Any) -> bytes:
     """One SSE event: ``data: <json>`` and a blank line."""
     return b"data: " + dumps_bytes(event) + b"\n\n"
@@ -83,7 +89,7 @@ async def result_of(request: web.Request, job: Job) -> dict[str, Any]:
 async def respond(request: web.Request, job: Job, renderer: Renderer) -> web.StreamResponse:
     if not job.stream:
         result = await result_of(request, job)
-        return web.json_response(renderer.render(result), dumps=dumps, headers={"X-Request-Id": job.id})
+        return json_response(renderer.render(result), headers={"X-Request-Id": job.id})
     rec = await submit(request, job)
     scheduler = request.app[SCHEDULER]
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",

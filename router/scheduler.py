@@ -44,6 +44,7 @@ class Scheduler:
         self.known_models: set[str] = set()
         self.completed: collections.deque[float] = collections.deque()
         self.mesh_changed = asyncio.Event()
+        self._defaults: dict[str, str | None] = {}  # op -> the model it runs on when a request names none
         self.accepting = True
         self.observer: Any = None  # router/metrics.py: observe(event, rec, **data)
 
@@ -111,9 +112,11 @@ class Scheduler:
         configured = self.default_models.get(kind)
         if configured:
             return configured
-        offered = sorted({n for w in self.workers.values() for n, m in w.models.items()
-                          if op in m["operations"]})
-        return offered[0] if offered else None
+        if op not in self._defaults:  # forgotten whenever a worker joins, re-registers or leaves
+            offered = sorted({n for w in self.workers.values() for n, m in w.models.items()
+                              if op in m["operations"]})
+            self._defaults[op] = offered[0] if offered else None
+        return self._defaults[op]
 
     def submit(self, job: Job) -> JobRecord:
         """Accept a job whose model is resolved; dispatch it now or queue it (bounded)."""
@@ -179,7 +182,7 @@ class Scheduler:
         rec.worker = worker
         rec.last_activity = time.monotonic()
         rec.dispatch_seq = worker.seq
-        worker.running[(rec.job.id, rec.job.attempt)] = rec.job.model
+        worker.start_job((rec.job.id, rec.job.attempt), rec.job.model)
         worker.last_dispatch = time.monotonic()
         self.send(worker.identity, frame)
         self._observe("dispatch", rec)
@@ -281,8 +284,10 @@ class Scheduler:
             worker.update(body.get("capabilities") or {})
         # Jobs the worker still runs from before (a router restart) occupy its slots until they end.
         for job_id, model in (body.get("running") or {}).items():
-            worker.running.setdefault((job_id, 0), model)
+            if isinstance(model, str):
+                worker.start_job((job_id, 0), model)
         self.known_models.update(worker.models)
+        self._defaults.clear()
         self.send(identity, codec.encode(Command.WELCOME, {
             "version": protocol.VERSION, "router": self.router_name,
             "heartbeat_ms": self.heartbeat_ms, "liveness": self.liveness}))
@@ -294,7 +299,7 @@ class Scheduler:
         job_id, attempt = str(body.get("job")), body.get("attempt")
         key = (job_id, attempt)
         if command != Command.PARTIAL:
-            model = worker.running.pop(key, None) or worker.running.pop((job_id, 0), None)
+            model = worker.end_job(key) or worker.end_job((job_id, 0))
             if model is not None:
                 worker.jobs_done += 1
                 self._drain(model)
@@ -338,19 +343,20 @@ class Scheduler:
             rec = self.jobs.get(job_id)
             if job_id in known or rec is None or rec.worker is not worker or rec.dispatch_seq > seen:
                 continue
-            worker.running.pop((job_id, attempt), None)
+            worker.end_job((job_id, attempt))
             self._fail_over(rec, f"worker {worker.name} does not know the job")
 
     def _remove_worker(self, worker: WorkerState, why: str) -> None:
         if self.workers.pop(worker.identity, None) is None:
             return
         log.warning("worker %s removed: %s (%d job(s) in flight)", worker.name, why, len(worker.running))
+        self._defaults.clear()
         self.mesh_changed.set()
         for job_id, _attempt in list(worker.running):
             rec = self.jobs.get(job_id)
             if rec is not None and rec.worker is worker:
                 self._fail_over(rec, f"worker {worker.name} {why}")
-        worker.running.clear()
+        worker.clear_jobs()
 
     # ---- timers ------------------------------------------------------------------------------
     def tick(self) -> None:

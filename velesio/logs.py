@@ -22,6 +22,12 @@ class JsonLines(logging.Formatter):
 
 
 def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
+    # Neither format shows the caller's file, thread or process: do not collect them for every record
+    # (the logging HOWTO's "Optimization"; finding the caller walks the stack on each line).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # Log to a duplicate of stderr's descriptor: llama-cpp-python silences model loading by pointing fd 2
     # at /dev/null for a moment, which would swallow what other threads log meanwhile.
     try:
