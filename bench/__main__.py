@@ -14,6 +14,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from velesio import loop as event_loop
+
 from . import machine, report
 from .scenarios import SCENARIOS, Settings
 
@@ -35,8 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--idle-streams", type=int, help="open streams for the memory scenario (default 1000)")
     p.add_argument("--e2e-reps", type=int, help="requests per system in the end-to-end scenario (default 5)")
     p.add_argument("--e2e-threads", type=int, help="llama.cpp threads in the end-to-end scenario (default 2)")
-    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
-                   help="event loop of the router and workers (uvloop: installed before their main())")
+    p.add_argument("--loop", choices=("uvloop", "asyncio"), default=event_loop.name(),
+                   help="event loop of the router and workers (default: uvloop when installed, as they run "
+                        "by default; asyncio sets VELESIO_LOOP=asyncio for them)")
     p.add_argument("--client", choices=("wrk", "python"), default="wrk",
                    help="load generator of the overhead scenario (wrk when installed: apt-get install wrk)")
     p.add_argument("--no-floor", action="store_true", help="skip the bare-aiohttp floor in the overhead scenario")

@@ -22,9 +22,6 @@ BIN = Path(sys.executable).parent
 ROUTER_CONFIG = {"rate_limit": {"requests_per_minute": 10_000_000, "concurrent": 100_000},
                  "queue_max": 100_000}
 
-# Installs uvloop before running a command's main(); used by --loop uvloop.
-UVLOOP_SHIM = ("import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
-               "from velesio.{module} import main; sys.exit(main(sys.argv[1:]))")
 
 
 def free_port() -> int:
@@ -83,16 +80,10 @@ class Proc:
         self._log.close()
 
 
-def _command(name: str, module: str, loop: str) -> list[str]:
-    if loop == "uvloop":
-        return [sys.executable, "-c", UVLOOP_SHIM.format(module=module)]
-    return [str(BIN / name)]
-
-
 class Cluster:
     """One router and any number of workers. Use as a context manager: everything stops on exit."""
 
-    def __init__(self, workdir: Path, *, loop: str = "asyncio", router_cfg: dict[str, Any] | None = None):
+    def __init__(self, workdir: Path, *, loop: str = "uvloop", router_cfg: dict[str, Any] | None = None):
         self.workdir = workdir
         self.loop = loop
         self.router_cfg = {**ROUTER_CONFIG, **(router_cfg or {})}
@@ -119,18 +110,17 @@ class Cluster:
         self.mesh = f"tcp://127.0.0.1:{free_port()}"
         cfg = self._path("router", ".yaml")
         cfg.write_text(yaml.safe_dump({"router": self.router_cfg}))
-        args = _command("velesio-router", "router.app", self.loop) + [
-            "--config", str(cfg), "--host", "127.0.0.1", "--port", str(self.port), "--mesh-bind", self.mesh]
-        self.router = Proc(args, self._path("router", ".log"), env={"API_TOKENS": TOKEN})
+        args = [str(BIN / "velesio-router"), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(self.port),
+                "--mesh-bind", self.mesh]
+        self.router = Proc(args, self._path("router", ".log"), env={"API_TOKENS": TOKEN, "VELESIO_LOOP": self.loop})
         self.wait_for(lambda h: True, 30)
 
     def start_workers(self, names: list[str], models: list[dict[str, Any]], wait: float = 120) -> None:
         for name in names:
             cfg = self._path(f"worker-{name}", ".yaml")
             cfg.write_text(yaml.safe_dump({"worker": {"models": models}}))
-            args = _command("velesio-worker", "worker.main", self.loop) + [
-                "--router", self.mesh, "--config", str(cfg), "--name", name]
-            self.workers[name] = Proc(args, self._path(f"worker-{name}", ".log"))
+            args = [str(BIN / "velesio-worker"), "--router", self.mesh, "--config", str(cfg), "--name", name]
+            self.workers[name] = Proc(args, self._path(f"worker-{name}", ".log"), env={"VELESIO_LOOP": self.loop})
         want = set(self.workers)
         self.wait_for(lambda h: want <= {w["id"] for w in h["workers"]}, wait)
 

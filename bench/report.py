@@ -81,19 +81,25 @@ def markdown(results: dict[str, Any]) -> str:
     if "overhead" in sc:
         o = sc["overhead"]
         base = o["in_process"]
+        client = "wrk" if o.get("client") == "wrk" else "a Python aiohttp client (bench/loadgen.py)"
         lines += [f"**1. Router overhead** — `/completion` (llama.cpp dialect, {o['reply_bytes']}-byte reply), "
-                  f"benchmark backend; in-process `run()`: p50 {base['p50_ms'] * 1e3:.1f} µs, "
+                  f"benchmark backend, load from {client}; in-process `run()`: p50 {base['p50_ms'] * 1e3:.1f} µs, "
                   f"p99 {base['p99_ms'] * 1e3:.1f} µs. Added = end to end − in process. CPU per request from "
-                  "/proc (router, worker) and getrusage (client).", ""]
+                  "/proc (router, worker) and getrusage (client). Floors, same client: bare aiohttp (HTTP), and "
+                  "bare aiohttp → ZeroMQ → echo process → back (HTTP + ZeroMQ).", ""]
         floor = {r["concurrency"]: r for r in o.get("floor", [])}
+        floor_zmq = {r["concurrency"]: r for r in o.get("floor_zmq", [])}
         rows = []
         for r in o["rows"]:
             f = floor.get(r["concurrency"], {})
+            z = floor_zmq.get(r["concurrency"], {})
             rows.append([str(r["concurrency"]), _f(r["rps"]), _f(r["added_p50_ms"], 2), _f(r["added_p99_ms"], 2),
                          _f(r["router_cpu_us"]), _f(r["worker_cpu_us"]), _f(r["client_cpu_us"]),
-                         _f(f.get("rps")), _f(f.get("p50_ms"), 2), _f(f.get("p99_ms"), 2), _f(r["errors"])])
+                         _f(f.get("rps")), _f(f.get("p50_ms"), 2), _f(z.get("rps")), _f(z.get("p50_ms"), 2),
+                         _f(r["errors"])])
         lines += _table(["concurrency", "req/s", "added p50 ms", "added p99 ms", "router µs/req", "worker µs/req",
-                         "client µs/req", "floor req/s", "floor p50 ms", "floor p99 ms", "errors"], rows) + [""]
+                         "client µs/req", "HTTP floor req/s", "HTTP floor p50 ms", "HTTP + ZeroMQ floor req/s",
+                         "HTTP + ZeroMQ floor p50 ms", "errors"], rows) + [""]
     if "stream" in sc:
         st = sc["stream"]
         lines += [f"**2. Stream relay** — {st['tokens_per_stream']:,} tokens per stream, SSE through "

@@ -40,7 +40,7 @@ class Settings:
     scaling_workers: tuple[int, ...] = (1, 2, 4, 8)
     scaling_delay_ms: int = 50
     idle_streams: int = 1000
-    loop: str = "asyncio"  # the router's and workers' event loop: asyncio, or uvloop through a shim
+    loop: str = "uvloop"  # the router's and workers' event loop (VELESIO_LOOP): uvloop or asyncio
     profile: bool = False  # py-spy the router during scenarios 1 and 2
     client: str = "wrk"  # scenario 1's load generator: wrk (when installed) or python (bench/loadgen.py)
     results: Path = ROOT / "bench" / "results"
@@ -193,23 +193,34 @@ def overhead(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
                 log(f"  c={c:<4} {row['rps']:8.0f} req/s  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  "
                     f"router {row['router_cpu_us']:.0f} us/req  worker {row['worker_cpu_us']:.0f} us/req  "
                     f"client {row['client_cpu_us']:.0f} us/req  errors {row['errors']}")
-    floor = []
+    floors: dict[str, list[dict[str, Any]]] = {}
     if s.floor:
-        port = free_port()
-        proc = Proc([sys.executable, "-m", "bench.floor", str(port), str(reply_size), s.loop],
-                    workdir / "floor.log", env={"PYTHONPATH": str(ROOT)})
-        try:
-            _wait_port(port, proc)
-            for c in s.concurrencies:
-                res = requests_load(s, f"http://127.0.0.1:{port}/completion", {"Content-Type": "application/json"},
-                                    OVERHEAD_BODY, c)
-                floor.append({"concurrency": c, "rps": res["completed"] / res["window_s"],
-                              "p50_ms": res["p50_ms"], "p99_ms": res["p99_ms"]})
-                log(f"  floor c={c:<4} {floor[-1]['rps']:8.0f} req/s  p50 {floor[-1]['p50_ms']:.2f} ms  "
-                    f"p99 {floor[-1]['p99_ms']:.2f} ms")
-        finally:
-            proc.stop()
-    return {"in_process": base, "reply_bytes": reply_size, "client": client_name(s), "rows": rows, "floor": floor}
+        for kind in ("http", "zmq"):
+            floors[kind] = run_floor(s, kind, reply_size, workdir, log)
+    return {"in_process": base, "reply_bytes": reply_size, "client": client_name(s), "rows": rows,
+            "floor": floors.get("http", []), "floor_zmq": floors.get("zmq", [])}
+
+
+def run_floor(s: Settings, kind: str, reply_size: int, workdir: Path, log: Log) -> list[dict[str, Any]]:
+    """bench/floor.py: bare aiohttp ("http"), or bare aiohttp with a ZeroMQ echo hop ("zmq")."""
+    port = free_port()
+    extra = [f"tcp://127.0.0.1:{free_port()}"] if kind == "zmq" else []
+    proc = Proc([sys.executable, "-m", "bench.floor", kind, str(port), str(reply_size), *extra],
+                workdir / f"floor-{kind}.log", env={"PYTHONPATH": str(ROOT), "VELESIO_LOOP": s.loop})
+    rows = []
+    try:
+        _wait_port(port, proc)
+        for c in s.concurrencies:
+            res = requests_load(s, f"http://127.0.0.1:{port}/completion", {"Content-Type": "application/json"},
+                                OVERHEAD_BODY, c)
+            rows.append({"concurrency": c, "rps": res["completed"] / res["window_s"],
+                         "p50_ms": res["p50_ms"], "p99_ms": res["p99_ms"]})
+            log(f"  floor ({kind}) c={c:<4} {rows[-1]['rps']:8.0f} req/s  p50 {rows[-1]['p50_ms']:.2f} ms  "
+                f"p99 {rows[-1]['p99_ms']:.2f} ms")
+    finally:
+        proc.stop()
+    return rows
+
 
 
 def _wait_port(port: int, proc: Proc, timeout: float = 30) -> None:
