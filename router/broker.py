@@ -15,7 +15,9 @@ from .scheduler import Scheduler
 log = logging.getLogger("velesio.router")
 
 RECV_BATCH = 256  # frames read in one go before the event loop gets a turn
+# Plain ints: pyzmq's flag enums cost an enum construction per ``&``.
 _NOBLOCK, _RCVMORE, _SNDMORE_NOBLOCK = int(zmq.NOBLOCK), int(zmq.RCVMORE), int(zmq.SNDMORE | zmq.NOBLOCK)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 class Broker:
@@ -62,7 +64,7 @@ class Broker:
                 sock.send(frame, _NOBLOCK, copy=len(frame) < COPY_THRESHOLD)
             except zmq.ZMQError as exc:
                 log.debug("send to %r failed: %s", identity[:32], exc)
-        if sock.get(zmq.EVENTS) & zmq.POLLIN:
+        if sock.get(_EVENTS) & _POLLIN:
             self._schedule_read()
 
     async def start(self, scheduler: Scheduler) -> None:

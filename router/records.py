@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from typing import Any
 
@@ -78,12 +79,39 @@ class WorkerState:
         }
 
 
+class JobEvents:
+    """What a job's handler reads: ("partial", chunk) ... then one ("final", result) or ("error", ApiError).
+    One reader, fed by the scheduler on the same event loop; an ``asyncio.Queue`` does the same with a
+    lock-free but heavier path (an Event, getter and putter queues) paid on every job."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[tuple[str, Any]] = collections.deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put_nowait(self, item: tuple[str, Any]) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> tuple[str, Any]:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+
 class JobRecord:
     """A job accepted by the router, from submission to its one result or error."""
 
     def __init__(self, job: Job):
         self.job = job
-        self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.events = JobEvents()
         self.worker: WorkerState | None = None
         self.text_so_far = ""
         self.tokens_so_far = 0

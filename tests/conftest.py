@@ -40,6 +40,13 @@ class Proc:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_for_log(self, text: str, timeout: float = 5.0) -> str:
+        """The log once it holds ``text`` (lines below WARNING reach it within a fraction of a second)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.log
+
     def alive(self) -> bool:
         return self.popen.poll() is None
 

@@ -60,7 +60,7 @@ def test_tokens_never_logged(start_router, start_worker):
     requests.post(router.url + "/completion", json="bad", headers=headers, timeout=30)
     requests.get(router.url + "/models", auth=("user", secret), timeout=30)
     time.sleep(0.5)
-    log = router.proc.log
+    log = router.proc.wait_for_log("listening")
     assert "listening" in log
     for fragment in (secret, secret[:12], secret[-8:]):
         assert fragment not in log

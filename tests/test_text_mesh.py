@@ -207,8 +207,11 @@ def test_request_id_follows_the_job_into_both_logs(mesh, start_worker):
     r = mesh.post("/completion", {"prompt": "Hi", "max_tokens": 2})
     job_id = r.headers["X-Request-Id"]
     assert job_id.startswith("j-")
-    assert job_id in mesh.proc.log
+    assert job_id in mesh.proc.wait_for_log(job_id)
     worker_logs = [p for p in mesh.proc.log_path.parent.glob("worker-text-1-*.log")]
+    deadline = time.monotonic() + 5
+    while not any(job_id in p.read_text() for p in worker_logs) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert any(job_id in p.read_text() for p in worker_logs)
 
 
@@ -217,7 +220,6 @@ def test_json_lines_logs(start_router, start_worker):
     start_worker(router, "json-logs", [{"name": "smollm2-135m-instruct", "backend": "llama-cpp",
                                         "options": {"n_threads": 1}}])
     job_id = router.post("/completion", {"prompt": "Hi", "max_tokens": 2}).headers["X-Request-Id"]
-    time.sleep(0.2)
-    entries = [json.loads(line) for line in router.proc.log.splitlines() if line.startswith("{")]
+    entries = [json.loads(line) for line in router.proc.wait_for_log(job_id).splitlines() if line.startswith("{")]
     assert entries and all({"ts", "level", "logger", "msg"} <= set(e) for e in entries)
     assert any(e.get("job") == job_id and e.get("worker") == "json-logs" for e in entries)

@@ -20,7 +20,7 @@ token-array prompt is answered here, in llama.cpp's shapes:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -114,6 +114,24 @@ def _seed(body: dict[str, Any]) -> int | None:
     return seed % 2**32
 
 
+# Sampling fields: name -> how it is read from a body (a 400 naming the field when it is out of range).
+SAMPLING: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "temperature": lambda b: max(0.0, get_float(b, "temperature", DEFAULTS["temperature"], hi=100.0)),
+    "top_k": lambda b: max(0, get_int(b, "top_k", DEFAULTS["top_k"])),
+    "top_p": lambda b: get_float(b, "top_p", DEFAULTS["top_p"], lo=0.0, hi=1.0),
+    "min_p": lambda b: get_float(b, "min_p", DEFAULTS["min_p"], lo=0.0, hi=1.0),
+    "typical_p": lambda b: get_float(b, "typical_p", DEFAULTS["typical_p"], lo=0.0, hi=1.0),
+    "repeat_penalty": lambda b: get_float(b, "repeat_penalty", DEFAULTS["repeat_penalty"], lo=0.0, hi=10.0),
+    "repeat_last_n": lambda b: get_int(b, "repeat_last_n", DEFAULTS["repeat_last_n"], lo=-1),
+    "presence_penalty": lambda b: get_float(b, "presence_penalty", 0.0, lo=-2.0, hi=2.0),
+    "frequency_penalty": lambda b: get_float(b, "frequency_penalty", 0.0, lo=-2.0, hi=2.0),
+    "mirostat": lambda b: get_int(b, "mirostat", 0, lo=0, hi=2),
+    "mirostat_tau": lambda b: get_float(b, "mirostat_tau", DEFAULTS["mirostat_tau"], lo=0.0),
+    "mirostat_eta": lambda b: get_float(b, "mirostat_eta", DEFAULTS["mirostat_eta"], lo=0.0),
+}
+SAMPLING_DEFAULTS = {name: read({}) for name, read in SAMPLING.items()}  # what a body without them gets
+
+
 def parse(body: dict[str, Any], prompt: str | None = None) -> Job:
     """A llama.cpp /completion body as a Job. ``prompt`` replaces ``body["prompt"]`` (used once token ids
     were turned into text); without it the prompt must be text."""
@@ -135,27 +153,13 @@ def parse(body: dict[str, Any], prompt: str | None = None) -> Job:
         schema = None  # any JSON value: no constraint
     if grammar and schema not in (None, False):
         raise invalid("grammar", 'either "json_schema" or "grammar" can be given, not both')
-    params = {
-        "prompt": prompt,
-        "max_tokens": n_predict,
-        "temperature": max(0.0, get_float(body, "temperature", DEFAULTS["temperature"], hi=100.0)),
-        "top_k": max(0, get_int(body, "top_k", DEFAULTS["top_k"])),
-        "top_p": get_float(body, "top_p", DEFAULTS["top_p"], lo=0.0, hi=1.0),
-        "min_p": get_float(body, "min_p", DEFAULTS["min_p"], lo=0.0, hi=1.0),
-        "typical_p": get_float(body, "typical_p", DEFAULTS["typical_p"], lo=0.0, hi=1.0),
-        "repeat_penalty": get_float(body, "repeat_penalty", DEFAULTS["repeat_penalty"], lo=0.0, hi=10.0),
-        "repeat_last_n": get_int(body, "repeat_last_n", DEFAULTS["repeat_last_n"], lo=-1),
-        "presence_penalty": get_float(body, "presence_penalty", 0.0, lo=-2.0, hi=2.0),
-        "frequency_penalty": get_float(body, "frequency_penalty", 0.0, lo=-2.0, hi=2.0),
-        "mirostat": get_int(body, "mirostat", 0, lo=0, hi=2),
-        "mirostat_tau": get_float(body, "mirostat_tau", DEFAULTS["mirostat_tau"], lo=0.0),
-        "mirostat_eta": get_float(body, "mirostat_eta", DEFAULTS["mirostat_eta"], lo=0.0),
-        "stop": get_stop(body),
-        "seed": _seed(body),
-        "ignore_eos": get_bool(body, "ignore_eos"),
-        "grammar": grammar,
-        "json_schema": schema if isinstance(schema, dict) else None,
-    }
+    params = {"prompt": prompt, "max_tokens": n_predict, **SAMPLING_DEFAULTS, "stop": get_stop(body),
+              "seed": _seed(body), "ignore_eos": get_bool(body, "ignore_eos"), "grammar": grammar,
+              "json_schema": schema if isinstance(schema, dict) else None}
+    for name in body:  # a request names a few of the sampling fields; the others keep their defaults
+        read = SAMPLING.get(name)
+        if read is not None:
+            params[name] = read(body)
     return Job(op="completion", model=get_model(body) or "", params=params, stream=get_bool(body, "stream"))
 
 
