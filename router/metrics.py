@@ -1,5 +1,6 @@
 """Prometheus metrics (prometheus-client), on ``GET /metrics``: request counters from a middleware, job
-timings from the scheduler's events, and mesh state (queues, workers, heartbeats) read at scrape time.
+timings from the scheduler's events (kept in router/metric_families.py), and mesh state (queues, workers,
+heartbeats) read at scrape time.
 Tokens never appear: requests are labelled with the token's configured name."""
 
 from __future__ import annotations
@@ -8,11 +9,12 @@ import time
 from typing import Any, Iterator
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .keys import SCHEDULER, TOKEN_NAME
+from .metric_families import CounterFamily, FamiliesCollector, HistogramFamily
 from .scheduler import JobRecord, Scheduler
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -46,75 +48,58 @@ class MeshCollector(Collector):
         yield from (depth, workers, in_flight, age, free)
 
 
-class Labelled:
-    """A metric's children by label values, each looked up through ``labels()`` once: that call validates
-    and locks every time, a cost paid several times per request otherwise. Label values are bounded (model,
-    route, status and token names), as the metric's own children are."""
-
-    def __init__(self, metric: Any):
-        self.metric = metric
-        self.children: dict[tuple[str, ...], Any] = {}
-
-    def __call__(self, *values: str) -> Any:
-        child = self.children.get(values)
-        if child is None:
-            child = self.children[values] = self.metric.labels(*values)
-        return child
-
-
 class Metrics:
     """The router's metrics; also the scheduler's observer (``observe(event, rec, **data)``)."""
 
     def __init__(self, scheduler: Scheduler):
+        self.requests = CounterFamily("velesio_requests", "HTTP requests", ("endpoint", "status", "token"))
+        self.rate_limited = CounterFamily("velesio_rate_limited", "Requests refused by rate limits", ("token",))
+        self.queue_wait = HistogramFamily("velesio_queue_wait_seconds", "Time from acceptance to dispatch",
+                                          ("model",), _LATENCY_BUCKETS)
+        self.ttft = HistogramFamily("velesio_time_to_first_token_seconds", "Time from acceptance to the first token",
+                                    ("model",), _LATENCY_BUCKETS)
+        self.job_seconds = HistogramFamily("velesio_job_seconds", "Time from acceptance to the result",
+                                           ("model", "op"), _LATENCY_BUCKETS)
+        self.tokens = CounterFamily("velesio_generated_tokens", "Tokens generated", ("model",))
+        self.tokens_per_second = HistogramFamily("velesio_tokens_per_second", "Generation speed of each text job",
+                                                 ("model",), (5, 10, 25, 50, 100, 200, 400, 800, 1600))
+        self.image_steps = CounterFamily("velesio_image_steps", "Denoising steps done", ("model",))
+        self.jobs = CounterFamily("velesio_jobs", "Jobs ended, by outcome", ("model", "op", "outcome"))
+        self.failovers = CounterFamily("velesio_failovers", "Jobs moved to another worker", ("model",))
+        self.cancellations = CounterFamily("velesio_cancellations", "Jobs cancelled (client gone, interrupt)",
+                                           ("model",))
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Labelled(Counter("velesio_requests", "HTTP requests", ["endpoint", "status", "token"],
-                                         registry=r))
-        self.rate_limited = Labelled(Counter("velesio_rate_limited", "Requests refused by rate limits", ["token"],
-                                             registry=r))
-        self.queue_wait = Labelled(Histogram("velesio_queue_wait_seconds", "Time from acceptance to dispatch",
-                                             ["model"], buckets=_LATENCY_BUCKETS, registry=r))
-        self.ttft = Labelled(Histogram("velesio_time_to_first_token_seconds", "Time from acceptance to the first "
-                                       "token", ["model"], buckets=_LATENCY_BUCKETS, registry=r))
-        self.job_seconds = Labelled(Histogram("velesio_job_seconds", "Time from acceptance to the result",
-                                              ["model", "op"], buckets=_LATENCY_BUCKETS, registry=r))
-        self.tokens = Labelled(Counter("velesio_generated_tokens", "Tokens generated", ["model"], registry=r))
-        self.tokens_per_second = Labelled(Histogram("velesio_tokens_per_second", "Generation speed of each text job",
-                                                    ["model"], buckets=(5, 10, 25, 50, 100, 200, 400, 800, 1600),
-                                                    registry=r))
-        self.image_steps = Labelled(Counter("velesio_image_steps", "Denoising steps done", ["model"], registry=r))
-        self.jobs = Labelled(Counter("velesio_jobs", "Jobs ended, by outcome", ["model", "op", "outcome"],
-                                     registry=r))
-        self.failovers = Labelled(Counter("velesio_failovers", "Jobs moved to another worker", ["model"], registry=r))
-        self.cancellations = Labelled(Counter("velesio_cancellations", "Jobs cancelled (client gone, interrupt)",
-                                              ["model"], registry=r))
-        r.register(MeshCollector(scheduler))
+        self.registry.register(FamiliesCollector([
+            self.requests, self.rate_limited, self.queue_wait, self.ttft, self.job_seconds, self.tokens,
+            self.tokens_per_second, self.image_steps, self.jobs, self.failovers, self.cancellations]))
+        self.registry.register(MeshCollector(scheduler))
 
     def observe(self, event: str, rec: JobRecord, **data: Any) -> None:
         job = rec.job
+        model = (job.model,)
         elapsed = time.time() - rec.created
         if event == "dispatch":
             if job.attempt == 1:
-                self.queue_wait(job.model).observe(elapsed)
+                self.queue_wait.observe(model, elapsed)
         elif event == "first_token":
-            self.ttft(job.model).observe(elapsed)
+            self.ttft.observe(model, elapsed)
         elif event == "step":
-            self.image_steps(job.model).inc()
+            self.image_steps.inc(model)
         elif event == "failover":
-            self.failovers(job.model).inc()
+            self.failovers.inc(model)
         elif event == "cancel":
-            self.cancellations(job.model).inc()
+            self.cancellations.inc(model)
         elif event == "end":
             outcome = data.get("outcome", "ok")
-            self.jobs(job.model, job.op, outcome).inc()
-            self.job_seconds(job.model, job.op).observe(elapsed)
+            self.jobs.inc((job.model, job.op, outcome))
+            self.job_seconds.observe((job.model, job.op), elapsed)
             result = data.get("result") or {}
             n = result.get("completion_tokens")
             if outcome == "ok" and isinstance(n, int) and n > 0:
-                self.tokens(job.model).inc(n)
+                self.tokens.inc(model, n)
                 predicted_ms = (result.get("timings") or {}).get("predicted_ms")
                 if predicted_ms:
-                    self.tokens_per_second(job.model).observe(n / (predicted_ms / 1000))
+                    self.tokens_per_second.observe(model, n / (predicted_ms / 1000))
 
 
 METRICS = web.AppKey("metrics", Metrics)
@@ -139,9 +124,9 @@ async def metrics_middleware(request: web.Request, handler) -> web.StreamRespons
     finally:
         metrics = request.app[METRICS]
         token = request.get(TOKEN_NAME, "none")
-        metrics.requests(endpoint_label(request), str(status), token).inc()
+        metrics.requests.inc((endpoint_label(request), str(status), token))
         if status == 429:
-            metrics.rate_limited(token).inc()
+            metrics.rate_limited.inc((token,))
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

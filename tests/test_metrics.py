@@ -48,3 +48,21 @@ def test_metrics_move_with_traffic(mesh):
 def test_metrics_need_a_token_and_never_show_it(mesh):
     assert requests.get(mesh.url + "/metrics", timeout=10).status_code == 401
     assert mesh.token not in mesh.get("/metrics").text
+
+
+def test_histogram_buckets_are_cumulative_and_inclusive():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from velesio.router.metric_families import FamiliesCollector, HistogramFamily
+
+    h = HistogramFamily("t_seconds", "test", ("model",), (0.1, 1.0))
+    for v in (0.05, 0.1, 0.5, 7.0):
+        h.observe(("m",), v)
+    registry = CollectorRegistry()
+    registry.register(FamiliesCollector([h]))
+    samples = {(s.name, s.labels.get("le")): s.value
+               for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
+    assert samples[("t_seconds_bucket", "0.1")] == 2  # 0.1 itself is in the 0.1 bucket (le)
+    assert samples[("t_seconds_bucket", "1.0")] == 3
+    assert samples[("t_seconds_bucket", "+Inf")] == 4 == samples[("t_seconds_count", None)]
+    assert abs(samples[("t_seconds_sum", None)] - 7.65) < 1e-9
