@@ -31,6 +31,10 @@ test: setup
 	$(PY) -m pytest
 
 bench: setup
+	# wrk (a C load generator) for the overhead scenario; without it the benchmark uses its Python client.
+	command -v wrk >/dev/null || (command -v apt-get >/dev/null && apt-get install -y -qq wrk >/dev/null 2>&1) || \
+	  echo "wrk is not installed (apt-get install wrk): the overhead scenario uses the Python client"
+	$(PIP) install -q "py-spy>=0.3" >/dev/null 2>&1 || echo "py-spy could not be installed: --profile will say so"
 	$(PY) -m bench
 
 clean:

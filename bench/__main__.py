@@ -29,8 +29,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("scenarios", nargs="*", metavar="SCENARIO",
                    help=f"scenarios to run, of {', '.join(SCENARIOS)} (default: all)")
     p.add_argument("--quick", action="store_true", help="a short smoke run (about a minute and a half)")
-    p.add_argument("--duration", type=float, help="seconds measured per point (default 5, quick 1.5)")
+    p.add_argument("--duration", type=float, help="seconds measured per point (default 3, quick 1.5)")
     p.add_argument("--concurrency", type=_ints, help="router overhead concurrencies (default 1,16,64,256)")
+    p.add_argument("--rounds", type=int, help="router overhead: measurements per point, medians reported "
+                                              "(default 3, quick 1)")
     p.add_argument("--stream-tokens", type=int, help="tokens per stream in the relay scenario (default 1000)")
     p.add_argument("--streams", type=_ints, help="concurrent streams in the relay scenario (default 1,64)")
     p.add_argument("--workers", type=_ints, help="worker counts for scaling (default 1,2,4,8)")
@@ -56,7 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     s = Settings.quick(loop=args.loop) if args.quick else Settings(loop=args.loop)
-    for arg, field in (("duration", "duration"), ("concurrency", "concurrencies"), ("stream_tokens", "stream_tokens"),
+    for arg, field in (("duration", "duration"), ("concurrency", "concurrencies"), ("rounds", "rounds"),
+                       ("stream_tokens", "stream_tokens"),
                        ("streams", "stream_concurrencies"), ("workers", "scaling_workers"),
                        ("idle_streams", "idle_streams"), ("e2e_reps", "e2e_reps"),
                        ("e2e_threads", "e2e_threads")):

@@ -1,7 +1,9 @@
 """Raw llama-cpp-python in one process: the same GGUF, thread count and sampling as the mesh run, no HTTP.
 
-``python -m bench.rawllama SPEC`` (JSON: model, n_threads, n_ctx, prompt, n_predict, reps, sampling);
-prints one JSON line: per run the time to the first token and to the last."""
+``python -m bench.rawllama SPEC`` (JSON: model, n_threads, n_ctx, prompt, n_predict, sampling) loads the
+model and prints ``READY <json>`` (the end-of-generation tokens it bans); then each line read on stdin runs
+one generation and prints one JSON line: the time to the first token and to the last. EOF ends it. The end
+to end scenario (bench/e2e.py) drives it turn about with the mesh and llama_cpp.server."""
 
 from __future__ import annotations
 
@@ -16,6 +18,25 @@ def eog_tokens(llm) -> list[int]:
     return [t for t in range(llm.n_vocab()) if llama_cpp.llama_token_is_eog(llm._model.vocab, t)]
 
 
+def generate(llm, spec: dict, bias: dict[int, float]) -> dict:
+    s = spec["sampling"]
+    t0 = time.perf_counter()
+    ttft = t_last = None
+    tokens = 0
+    ids = llm.tokenize(spec["prompt"].encode(), add_bos=True, special=True)
+    for chunk in llm.create_completion(ids, max_tokens=int(spec["n_predict"]), stream=True, logit_bias=bias,
+                                       temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
+                                       min_p=s["min_p"], repeat_penalty=s["repeat_penalty"], seed=s["seed"]):
+        now = time.perf_counter()
+        if chunk["choices"][0].get("text"):
+            tokens += 1
+            t_last = now
+            if ttft is None:
+                ttft = now - t0
+    return {"ok": True, "ttft": ttft, "t_last": t_last - t0 if t_last else None, "tokens": tokens,
+            "total": time.perf_counter() - t0}
+
+
 def main(argv: list[str]) -> int:
     import llama_cpp
 
@@ -23,26 +44,9 @@ def main(argv: list[str]) -> int:
     llm = llama_cpp.Llama(model_path=spec["model"], n_ctx=int(spec["n_ctx"]), n_threads=int(spec["n_threads"]),
                           n_batch=512, n_gpu_layers=-1, verbose=False)
     bias = {t: -1e9 for t in eog_tokens(llm)}
-    s = spec["sampling"]
-    runs = []
-    for i in range(int(spec["warmup"]) + int(spec["reps"])):
-        t0 = time.perf_counter()
-        ttft = t_last = None
-        tokens = 0
-        ids = llm.tokenize(spec["prompt"].encode(), add_bos=True, special=True)
-        for chunk in llm.create_completion(ids, max_tokens=int(spec["n_predict"]), stream=True, logit_bias=bias,
-                                           temperature=s["temperature"], top_k=s["top_k"], top_p=s["top_p"],
-                                           min_p=s["min_p"], repeat_penalty=s["repeat_penalty"], seed=s["seed"]):
-            now = time.perf_counter()
-            if chunk["choices"][0].get("text"):
-                tokens += 1
-                t_last = now
-                if ttft is None:
-                    ttft = now - t0
-        if i >= int(spec["warmup"]):
-            runs.append({"ok": True, "ttft": ttft, "t_last": t_last - t0 if t_last else None,
-                         "tokens": tokens, "total": time.perf_counter() - t0})
-    sys.stdout.write(json.dumps({"runs": runs, "eog": sorted(bias)}) + "\n")
+    print("READY " + json.dumps({"eog": sorted(bias)}), flush=True)
+    for _line in sys.stdin:
+        print(json.dumps(generate(llm, spec, bias)), flush=True)
     return 0
 
 

@@ -86,7 +86,8 @@ def markdown(results: dict[str, Any]) -> str:
                   f"benchmark backend, load from {client}; in-process `run()`: p50 {base['p50_ms'] * 1e3:.1f} µs, "
                   f"p99 {base['p99_ms'] * 1e3:.1f} µs. Added = end to end − in process. CPU per request from "
                   "/proc (router, worker) and getrusage (client). Floors, same client: bare aiohttp (HTTP), and "
-                  "bare aiohttp → ZeroMQ → echo process → back (HTTP + ZeroMQ).", ""]
+                  "bare aiohttp → ZeroMQ → echo process → back (HTTP + ZeroMQ). Medians of "
+                  f"{o.get('rounds', 1)} round(s), the three systems measured in turn.", ""]
         floor = {r["concurrency"]: r for r in o.get("floor", [])}
         floor_zmq = {r["concurrency"]: r for r in o.get("floor_zmq", [])}
         rows = []
@@ -117,7 +118,8 @@ def markdown(results: dict[str, Any]) -> str:
             lines += [f"**3. End to end** — skipped: {e['skipped']}", ""]
         else:
             lines += [f"**3. End to end** — {e['model']}, {e['n_predict']} tokens (end of generation banned), "
-                      f"{e['threads']} threads, one request at a time, median of {e['reps']} after one warm-up.", ""]
+                      f"{e['threads']} threads, one request at a time, the three systems taking turns; median of "
+                      f"{e['reps']} rounds after one warm-up round.", ""]
             rows = [[f"{r['system']} (skipped: {r['skipped'][:80]})", "–", "–", "–", "–", "–"] if "skipped" in r else
                     [r["system"], _f(r["ttft_p50_ms"], 1), _f(r["decode_tokens_per_s"], 1), _f(r["tokens_per_s"], 1),
                      _f(r["ratio_tokens_per_s"], 3), _f(r["ratio_ttft"], 2)] for r in e["rows"]]

@@ -1,0 +1,128 @@
+"""What the scenarios share: their settings, percentiles, the Python load generator, py-spy."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .cluster import Proc
+
+ROOT = Path(__file__).resolve().parent.parent
+ECHO = {"name": "benchmark-echo", "backend": "benchmark", "slots": 64, "options": {}}
+
+
+@dataclasses.dataclass
+class Settings:
+    duration: float = 3.0  # seconds measured per point (after the warm-up)
+    warmup: float = 1.0
+    concurrencies: tuple[int, ...] = (1, 16, 64, 256)
+    floor: bool = True  # also measure the floors (bare aiohttp; aiohttp with a ZeroMQ echo hop)
+    rounds: int = 3  # overhead: each point measured this many times, the systems in turn; medians reported
+    stream_tokens: int = 1000
+    stream_concurrencies: tuple[int, ...] = (1, 64)
+    stream_rounds: int = 2  # at least, per concurrency
+    e2e_tokens: int = 96
+    e2e_reps: int = 5
+    e2e_threads: int = 2
+    scaling_workers: tuple[int, ...] = (1, 2, 4, 8)
+    scaling_delay_ms: int = 50
+    idle_streams: int = 1000
+    loop: str = "uvloop"  # the router's and workers' event loop (VELESIO_LOOP): uvloop or asyncio
+    profile: bool = False  # py-spy the router during scenarios 1 and 2
+    client: str = "wrk"  # scenario 1's load generator: wrk (when installed) or python (bench/loadgen.py)
+    results: Path = ROOT / "bench" / "results"
+
+    @classmethod
+    def quick(cls, **kw: Any) -> "Settings":
+        return cls(duration=1.5, warmup=0.5, rounds=1, stream_tokens=500, stream_rounds=1, e2e_reps=2,
+                   scaling_workers=(1, 2, 4), scaling_delay_ms=50, idle_streams=200, **kw)
+
+
+Log = Callable[[str], None]
+
+
+def pct(values: list[float], p: float) -> float:
+    """Nearest-rank percentile; NaN for no values."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, int(round(p / 100 * len(s) + 0.5)) - 1))]
+
+
+def loadgen(spec: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+    """Run the load generator in its own process and return its JSON result."""
+    out = subprocess.run([sys.executable, "-m", "bench.loadgen", json.dumps(spec)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+class Profiler:
+    """py-spy attached to a process for the span of a ``with`` block (when asked and installed)."""
+
+    def __init__(self, settings: Settings, pid: int, name: str, log: Log):
+        self.exe = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        self.on = settings.profile and self.exe is not None
+        if settings.profile and not self.on:
+            log("  (py-spy not installed: no profile)")
+        self.pid, self.log = pid, log
+        self.out = settings.results / f"profile-{name}"
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> "Profiler":
+        if self.on:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            # Collapsed stacks ("raw"): one line per stack with its sample count; top_functions() reads them.
+            self.procs.append(subprocess.Popen(
+                [self.exe, "record", "--pid", str(self.pid), "--rate", "250", "--format", "raw", "--nonblocking",
+                 "--output", f"{self.out}.txt"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(1.0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in self.procs:
+            p.send_signal(2)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if self.procs and Path(f"{self.out}.txt").exists():
+            self.log(f"  profile (collapsed stacks): {self.out}.txt; most self time:")
+            for name, share in top_functions(Path(f"{self.out}.txt"))[:12]:
+                self.log(f"    {share * 100:5.1f}%  {name}")
+
+
+def top_functions(path: Path) -> list[tuple[str, float]]:
+    """Self time per function from py-spy's collapsed stacks, as shares of all samples."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        leaf = stack.split(";")[-1]
+        counts[leaf] = counts.get(leaf, 0) + int(n)
+        total += int(n)
+    return sorted(((k, v / total) for k, v in counts.items()), key=lambda kv: -kv[1]) if total else []
+
+
+def wait_port(port: int, proc: Proc, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"process exited:\n{proc.log_tail()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"port {port} never opened:\n{proc.log_tail()}")
