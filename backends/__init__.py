@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import threading
 from typing import Any, Callable, ClassVar
 
 from velesio.mesh.jobs import Job
@@ -68,7 +67,7 @@ class JobContext:
     def __init__(self, job: Job, emit: Callable[[dict[str, Any]], None]):
         self.job = job
         self._emit = emit
-        self._cancel = threading.Event()
+        self._cancelled = False  # one attribute, set by the event loop and read by the job thread
         self.keep_partial = False  # set by an interrupt that wants what is done so far (A1111)
         self.progress_n = 0  # pieces emitted so far; heartbeats report it so the router sees progress
 
@@ -84,12 +83,12 @@ class JobContext:
 
     def cancel(self, keep_partial: bool = False) -> None:
         self.keep_partial = self.keep_partial or keep_partial
-        self._cancel.set()
+        self._cancelled = True
 
     @property
     def cancelled(self) -> bool:
         """Check between tokens or steps; stop early when true."""
-        return self._cancel.is_set()
+        return self._cancelled
 
 
 class Backend(abc.ABC):
