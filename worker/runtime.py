@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import os
 import random
@@ -21,6 +20,7 @@ from velesio.mesh.codec import COPY_THRESHOLD
 from velesio.mesh.jobs import Job
 from velesio.mesh.protocol import Command
 
+from .jobthreads import JobThreads
 from .models import LoadedModel, device_info
 
 log = logging.getLogger("velesio.worker")
@@ -43,8 +43,7 @@ class Worker:
         self.drain_s = drain_s
         self.curve = curve
         self.ctx = zmq.Context()
-        slots = sum(m.config.slots for m in models) or 1
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=slots + 2, thread_name_prefix="job")
+        self.threads = JobThreads("job")
         self.running: dict[tuple[str, int], tuple[JobContext, "RouterLink"]] = {}
         self.lock = threading.Lock()  # slots and ``running``: taken on the event loop, given back by job threads
         self.draining = False
@@ -88,7 +87,7 @@ class Worker:
         await asyncio.gather(*tasks, return_exceptions=True)
         for link in links:
             link.close()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.threads.shutdown()
         self.ctx.term()
 
     # ---- jobs --------------------------------------------------------------------------------
@@ -125,7 +124,7 @@ class Worker:
             link.send(Command.ERROR, {"job": job.id, "attempt": job.attempt, "code": "busy", "message": "busy"})
             return
         log.debug("job %s attempt %d: %s on %s", job.id, job.attempt, job.op, job.model)
-        self.executor.submit(self._run_job, key, model, link, job, ctx)
+        self.threads.submit(self._run_job, key, model, link, job, ctx)
 
     def _run_job(self, key: tuple[str, int], model: LoadedModel, link: "RouterLink", job: Job,
                  ctx: JobContext) -> None:
