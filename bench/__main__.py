@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--streams", type=_ints, help="concurrent streams in the relay scenario (default 1,64)")
     p.add_argument("--workers", type=_ints, help="worker counts for scaling (default 1,2,4,8)")
     p.add_argument("--idle-streams", type=int, help="open streams for the memory scenario (default 1000)")
-    p.add_argument("--e2e-reps", type=int, help="requests per system in the end-to-end scenario (default 5)")
+    p.add_argument("--e2e-reps", type=int, help="rounds of the end-to-end scenario (default 12)")
     p.add_argument("--e2e-threads", type=int, help="llama.cpp threads in the end-to-end scenario (default 2)")
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default=event_loop.name(),
                    help="event loop of the router and workers (default: uvloop when installed, as they run "

@@ -30,7 +30,7 @@ class Settings:
     stream_concurrencies: tuple[int, ...] = (1, 64)
     stream_rounds: int = 2  # at least, per concurrency
     e2e_tokens: int = 96
-    e2e_reps: int = 5
+    e2e_reps: int = 12
     e2e_threads: int = 2
     scaling_workers: tuple[int, ...] = (1, 2, 4, 8)
     scaling_delay_ms: int = 50
