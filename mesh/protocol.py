@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-VERSION = "1.0"
+VERSION = "1.1"  # 1.1: PARTIAL may carry several pieces as ``chunks``
 MAJOR = VERSION.split(".")[0]
 
 
@@ -43,3 +43,14 @@ REASON_LEAVING = "leaving"  # worker leaves after draining
 def compatible(version: str) -> bool:
     """True when a peer's VERSION has our major version."""
     return isinstance(version, str) and version.split(".")[0] == MAJOR
+
+
+def minor(version: object) -> int:
+    """The minor number of a compatible peer's VERSION (0 when it cannot be read)."""
+    try:
+        return int(str(version).split(".")[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+PARTIAL_CHUNKS_MINOR = 1  # routers from 1.1 read PARTIAL ``chunks``; a worker sends one piece each to older ones

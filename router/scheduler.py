@@ -311,16 +311,19 @@ class Scheduler:
             return  # a late message from an attempt the router gave up on
         rec.last_activity = time.monotonic()
         if command == Command.PARTIAL:
-            chunk = body.get("chunk") or {}
-            if "text" in chunk:
-                if not rec.text_so_far:
-                    self._observe("first_token", rec)
-                rec.text_so_far += str(chunk["text"])
-                rec.tokens_so_far += max(1, len(chunk.get("tokens") or ()))
-            if "step" in chunk:
-                rec.progress = chunk
-                self._observe("step", rec)
-            rec.events.put_nowait(("partial", chunk))
+            chunks = body.get("chunks")  # several pieces in one frame (a fast stream), else one
+            for chunk in chunks if isinstance(chunks, list) else [body.get("chunk") or {}]:
+                if not isinstance(chunk, dict):
+                    continue
+                if "text" in chunk:
+                    if not rec.text_so_far:
+                        self._observe("first_token", rec)
+                    rec.text_so_far += str(chunk["text"])
+                    rec.tokens_so_far += max(1, len(chunk.get("tokens") or ()))
+                if "step" in chunk:
+                    rec.progress = chunk
+                    self._observe("step", rec)
+                rec.events.put_nowait(("partial", chunk))
         elif command == Command.FINAL:
             self._finish(rec, "final", body.get("result") or {})
         else:

@@ -51,6 +51,7 @@ class WorkerConfig:
     heartbeat_ms: int = protocol.HEARTBEAT_MS
     liveness: int = protocol.LIVENESS
     drain_s: float = 30.0
+    partial_window_ms: float = 20  # pieces of a stream sooner than this after the last PARTIAL go together
     models: list[dict[str, Any]] | None = None  # None: the embedded default models
     curve: dict[str, str] | None = None  # {secret_key, router_public_key}; None: plain TCP
 
@@ -131,6 +132,9 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
     worker = _fill(WorkerConfig, raw.get("worker"), "worker")
     if isinstance(worker.routers, str):
         worker.routers = [worker.routers]
+    window = worker.partial_window_ms
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or not 0 <= window <= 1000:
+        raise ConfigError(f"worker.partial_window_ms: a number of milliseconds from 0 to 1000, not {window!r}")
 
     if env.get("API_TOKENS"):
         router.tokens = _parse_tokens(env["API_TOKENS"])

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"velesio-worker: {exc}", file=sys.stderr)
         return 2
     worker = Worker(models, failures, name=args.name or cfg.name, heartbeat_ms=cfg.heartbeat_ms,
-                    liveness=cfg.liveness, drain_s=cfg.drain_s, curve=link_security)
+                    liveness=cfg.liveness, drain_s=cfg.drain_s, partial_window_ms=cfg.partial_window_ms,
+                    curve=link_security)
     served = ", ".join(f"{m.config.name} ({m.config.backend}, {m.config.slots} slot(s))" for m in models)
     print(f"velesio-worker {worker.name}: serving {served or 'nothing'}"
           f"{f'; {len(failures)} failure(s), see log' if failures else ''}; routers {', '.join(routers)}",

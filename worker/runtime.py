@@ -21,6 +21,7 @@ from velesio.mesh.jobs import Job
 from velesio.mesh.protocol import Command
 
 from .jobthreads import JobThreads
+from .partials import PARTIAL_WINDOW_MS, PartialBatch
 from .models import LoadedModel, device_info
 
 log = logging.getLogger("velesio.worker")
@@ -34,13 +35,14 @@ class Worker:
 
     def __init__(self, models: list[LoadedModel], failures: list[dict[str, str]], *, name: str | None = None,
                  heartbeat_ms: int = protocol.HEARTBEAT_MS, liveness: int = protocol.LIVENESS,
-                 drain_s: float = 30.0, curve=None):
+                 drain_s: float = 30.0, partial_window_ms: float = PARTIAL_WINDOW_MS, curve=None):
         self.models = {m.config.name: m for m in models}
         self.failures = failures
         self.name = name or socket.gethostname()
         self.heartbeat_ms = heartbeat_ms
         self.liveness = liveness
         self.drain_s = drain_s
+        self.partial_window_s = max(0.0, float(partial_window_ms)) / 1000
         self.curve = curve
         self.ctx = zmq.Context()
         self.threads = JobThreads("job")
@@ -106,11 +108,13 @@ class Worker:
                                       "message": f"this worker does not serve {job.op} on '{job.model}'"})
             return
         key = (job.id, job.attempt)
+        window_s = self.partial_window_s if link.router_minor >= protocol.PARTIAL_CHUNKS_MINOR else 0.0
+        partials = PartialBatch(link, job.id, job.attempt, window_s, asyncio.get_running_loop())
 
         def emit(chunk: dict[str, Any]) -> None:
             ctx.progress_n += 1  # reported in heartbeats: the router's proof that the job is not stuck
             if job.stream or "step" in chunk:
-                link.send(Command.PARTIAL, {"job": job.id, "attempt": job.attempt, "chunk": chunk})
+                partials.add(chunk)
 
         ctx = JobContext(job, emit)
         with self.lock:
@@ -124,16 +128,17 @@ class Worker:
             link.send(Command.ERROR, {"job": job.id, "attempt": job.attempt, "code": "busy", "message": "busy"})
             return
         log.debug("job %s attempt %d: %s on %s", job.id, job.attempt, job.op, job.model)
-        self.threads.submit(self._run_job, key, model, link, job, ctx)
+        self.threads.submit(self._run_job, key, model, link, job, ctx, partials)
 
     def _run_job(self, key: tuple[str, int], model: LoadedModel, link: "RouterLink", job: Job,
-                 ctx: JobContext) -> None:
-        """In a job thread: run the backend, free the slot, send the one FINAL or ERROR from here (the
-        event loop is not woken for it)."""
+                 ctx: JobContext, partials: PartialBatch) -> None:
+        """In a job thread: run the backend, free the slot, send the pieces still waiting and then the one
+        FINAL or ERROR from here (the event loop is not woken for it)."""
         try:
             result, exc = model.backend.run(job, ctx), None
         except BaseException as err:  # noqa: BLE001 - every failure becomes the job's one ERROR
             result, exc = None, err
+        partials.flush()
         # The slot is free before the router hears of the end: it may send the next job at once.
         with self.lock:
             model.busy -= 1
@@ -180,6 +185,7 @@ class RouterLink:
         self.welcomed = False
         self.last_heard = 0.0
         self.seen_seq = 0  # highest REQUEST sequence number received on this connection
+        self.router_minor = 0  # from WELCOME: what the router reads (protocol.PARTIAL_CHUNKS_MINOR)
         self._lock = threading.Lock()  # a ZeroMQ socket is not thread-safe; every use holds this
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -332,6 +338,7 @@ class RouterLink:
             if not self.welcomed:
                 log.info("registered with router %s", self.address)
             self.welcomed = True
+            self.router_minor = protocol.minor(body.get("version"))
         elif command == Command.REQUEST:
             self.worker.start_job(self, body)
         elif command == Command.CANCEL:

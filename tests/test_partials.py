@@ -1,0 +1,121 @@
+"""Stream pieces sent together within a window (worker/partials.py, docs/protocol.md "PARTIAL chunks"):
+what a router of each version receives from a real worker, and what an SSE client receives end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import msgpack
+import zmq
+
+from conftest import SMOLLM2, raw_post
+from velesio.worker.partials import PartialBatch
+
+GENERATE = {"prompt": "Write a long story about a dragon:", "max_tokens": 48, "temperature": 0.8,
+            "ignore_eos": True}
+
+
+class Recorder:
+    """Stands where a RouterLink stands: keeps what would be sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+
+    def send(self, command, body) -> None:
+        self.sent.append(body)
+
+
+async def test_first_piece_goes_at_once_then_one_frame_per_window():
+    link = Recorder()
+    batch = PartialBatch(link, "j-1", 1, 0.05, asyncio.get_running_loop())
+    batch.add({"text": "a"})
+    assert link.sent == [{"job": "j-1", "attempt": 1, "chunk": {"text": "a"}}]
+    batch.add({"text": "b"})
+    batch.add({"text": "c"})
+    assert len(link.sent) == 1  # inside the window: they wait
+    await asyncio.sleep(0.15)
+    assert link.sent[1] == {"job": "j-1", "attempt": 1, "chunks": [{"text": "b"}, {"text": "c"}]}
+    batch.add({"text": "d"})  # the window after the last PARTIAL is over: at once
+    assert link.sent[2]["chunk"] == {"text": "d"}
+    batch.add({"text": "e"})
+    batch.flush()  # the job's end: what waits goes now, and the timer finds nothing left
+    await asyncio.sleep(0.1)
+    assert [b.get("chunk") or b.get("chunks") for b in link.sent[3:]] == [{"text": "e"}]
+
+
+async def test_window_zero_sends_every_piece():
+    link = Recorder()
+    batch = PartialBatch(link, "j-2", 1, 0.0, asyncio.get_running_loop())
+    for piece in "abc":
+        batch.add({"text": piece})
+    assert [b["chunk"]["text"] for b in link.sent] == ["a", "b", "c"]
+
+
+def _fake_router_stream(start_worker, name: str, version: str, window_ms: int) -> tuple[list[dict], dict]:
+    """A real worker on SmolLM2 under a fake router that says ``version``; one streamed job; the PARTIAL
+    bodies and the FINAL body it sent."""
+    ctx = zmq.Context.instance()
+    fake = ctx.socket(zmq.ROUTER)
+    fake.setsockopt(zmq.LINGER, 0)
+    fake.setsockopt(zmq.RCVTIMEO, 60000)
+    port = fake.bind_to_random_port("tcp://127.0.0.1")
+
+    class FakeRouter:
+        mesh = f"tcp://127.0.0.1:{port}"
+
+    proc = start_worker(FakeRouter(), name, [SMOLLM2], wait=False, worker_cfg={"partial_window_ms": window_ms})
+    try:
+        identity, frame = fake.recv_multipart()
+        assert msgpack.unpackb(frame)[0] == 1  # READY
+        fake.send_multipart([identity, msgpack.packb([2, {"version": version, "router": "fake",
+                                                          "heartbeat_ms": 750, "liveness": 3}])])
+        job = {"id": "j-partials", "attempt": 1, "op": "completion", "model": SMOLLM2["name"], "stream": True,
+               "params": GENERATE, "seq": 1}
+        fake.send_multipart([identity, msgpack.packb([4, job])])
+        partials = []
+        while True:
+            command, body = msgpack.unpackb(fake.recv_multipart()[1])
+            if command == 3:  # heartbeat
+                continue
+            if command == 5:
+                partials.append(body)
+                continue
+            assert command == 6, (command, body)
+            return partials, body
+    finally:
+        fake.close()
+        proc.stop()
+
+
+def test_a_router_of_1_1_gets_pieces_together_and_all_of_them(start_worker):
+    partials, final = _fake_router_stream(start_worker, "batching", "1.1", window_ms=200)
+    pieces = [c for p in partials for c in (p["chunks"] if "chunks" in p else [p["chunk"]])]
+    assert "".join(c["text"] for c in pieces) == final["result"]["text"]
+    assert len(pieces) >= final["result"]["completion_tokens"] - 2  # a piece per token (bytes may merge)
+    assert "chunk" in partials[0]  # the first piece at once
+    assert any("chunks" in p for p in partials)
+    assert len(partials) < len(pieces)
+
+
+def test_a_router_of_1_0_gets_one_piece_per_partial(start_worker):
+    partials, final = _fake_router_stream(start_worker, "old-router", "1.0", window_ms=200)
+    assert partials and all("chunks" not in p and "chunk" in p for p in partials)
+    assert "".join(p["chunk"]["text"] for p in partials) == final["result"]["text"]
+
+
+def test_clients_still_get_one_event_per_token(start_router, start_worker):
+    """Through a real router: every piece is its own SSE event in its own HTTP chunk, in order."""
+    router = start_router()
+    start_worker(router, "batching-e2e", [SMOLLM2], worker_cfg={"partial_window_ms": 200})
+    body = json.dumps({"prompt": GENERATE["prompt"], "n_predict": 48, "ignore_eos": True, "stream": True}).encode()
+    status, _headers, chunks = raw_post(router, "/completion", body, {**router.headers,
+                                                                      "Content-Type": "application/json"})
+    assert status == 200
+    events = []
+    for chunk in chunks:
+        assert chunk.startswith(b"data: ") and chunk.endswith(b"\n\n") and chunk.count(b"\n\n") == 1, chunk
+        events.append(json.loads(chunk[6:]))
+    assert events[-1]["stop"] is True and events[-1]["tokens_predicted"] == 48
+    assert len(events) >= 48 - 2 + 1
+    assert [e["tokens_predicted"] for e in events[:-1]] == list(range(1, len(events)))
