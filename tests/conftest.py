@@ -101,6 +101,21 @@ def raw_post(router, path: str, data: bytes | None, headers: dict[str, str]) -> 
     return status, response_headers, chunks
 
 
+class FakeRouter:
+    """A bare ROUTER socket on loopback that a real worker can be started against (``start_worker``)."""
+
+    def __init__(self, timeout_ms: int = 30000):
+        import zmq
+
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
+        self.mesh = f"tcp://127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1')}"
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def sse_events(response: requests.Response) -> list[str]:
     """The ``data:`` payloads of an SSE response, asserting that every non-empty line is one."""
     assert response.status_code == 200, response.text

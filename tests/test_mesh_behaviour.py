@@ -12,7 +12,7 @@ import msgpack
 import requests
 import zmq
 
-from conftest import SMOLLM2, free_port
+from conftest import SMOLLM2, FakeRouter, free_port
 
 LONG = {"prompt": "Write a very long story about a dragon:", "max_tokens": 1500, "temperature": 0.8,
         "ignore_eos": True}
@@ -141,16 +141,9 @@ def test_router_refuses_other_major_version(start_router):
 
 def test_worker_logs_refusal(start_worker, spawn, tmp_path):
     """A real worker against a router speaking another version logs the refusal and keeps trying."""
-    ctx = zmq.Context.instance()
-    fake = ctx.socket(zmq.ROUTER)
-    fake.setsockopt(zmq.LINGER, 0)
-    fake.setsockopt(zmq.RCVTIMEO, 30000)
-    port = fake.bind_to_random_port("tcp://127.0.0.1")
-
-    class FakeRouter:
-        mesh = f"tcp://127.0.0.1:{port}"
-
-    proc = start_worker(FakeRouter(), "old-worker", [SMOLLM2], wait=False)
+    router = FakeRouter()
+    fake = router.sock
+    proc = start_worker(router, "old-worker", [SMOLLM2], wait=False)
     identity, frame = fake.recv_multipart()
     assert msgpack.unpackb(frame)[0] == 1  # READY
     fake.send_multipart([identity, msgpack.packb([9, {"reason": "version", "version": "2.0",

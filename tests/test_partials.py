@@ -7,9 +7,8 @@ import asyncio
 import json
 
 import msgpack
-import zmq
 
-from conftest import SMOLLM2, raw_post
+from conftest import SMOLLM2, FakeRouter, raw_post
 from velesio.worker.partials import PartialBatch
 
 GENERATE = {"prompt": "Write a long story about a dragon:", "max_tokens": 48, "temperature": 0.8,
@@ -55,16 +54,9 @@ async def test_window_zero_sends_every_piece():
 def _fake_router_stream(start_worker, name: str, version: str, window_ms: int) -> tuple[list[dict], dict]:
     """A real worker on SmolLM2 under a fake router that says ``version``; one streamed job; the PARTIAL
     bodies and the FINAL body it sent."""
-    ctx = zmq.Context.instance()
-    fake = ctx.socket(zmq.ROUTER)
-    fake.setsockopt(zmq.LINGER, 0)
-    fake.setsockopt(zmq.RCVTIMEO, 60000)
-    port = fake.bind_to_random_port("tcp://127.0.0.1")
-
-    class FakeRouter:
-        mesh = f"tcp://127.0.0.1:{port}"
-
-    proc = start_worker(FakeRouter(), name, [SMOLLM2], wait=False, worker_cfg={"partial_window_ms": window_ms})
+    router = FakeRouter(timeout_ms=60000)
+    fake = router.sock
+    proc = start_worker(router, name, [SMOLLM2], wait=False, worker_cfg={"partial_window_ms": window_ms})
     try:
         identity, frame = fake.recv_multipart()
         assert msgpack.unpackb(frame)[0] == 1  # READY
