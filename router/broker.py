@@ -9,23 +9,21 @@ import zmq
 import zmq.asyncio
 
 from velesio.mesh.codec import COPY_THRESHOLD
+from velesio.mesh.reader import SocketReader
 
 from .scheduler import Scheduler
 
 log = logging.getLogger("velesio.router")
 
-RECV_BATCH = 256  # frames read in one go before the event loop gets a turn
 # Plain ints: pyzmq's flag enums cost an enum construction per ``&``.
 _NOBLOCK, _RCVMORE, _SNDMORE_NOBLOCK = int(zmq.NOBLOCK), int(zmq.RCVMORE), int(zmq.SNDMORE | zmq.NOBLOCK)
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 class Broker:
-    """The ROUTER socket is a plain (non-asyncio) ZeroMQ socket whose file descriptor the event loop watches:
-    every frame that has arrived is read in one go and every send goes straight to ZeroMQ, with no Future
-    and no loop turn per frame (a stream brings thousands of PARTIALs a second). ZeroMQ's descriptor is
-    edge-triggered, so reads go on until ZeroMQ has nothing left, and a send, which may consume the edge of
-    frames that arrived meanwhile, is followed by a look at ZMQ_EVENTS."""
+    """The ROUTER socket is a plain (non-asyncio) ZeroMQ socket read from the event loop (mesh/reader.py);
+    the frames queued in a loop turn are sent back to back, and a send, which may consume the descriptor's
+    edge of frames that arrived meanwhile, is followed by a look at ZMQ_EVENTS."""
 
     def __init__(self, bind: str, *, curve=None):
         self.bind = bind
@@ -35,8 +33,7 @@ class Broker:
         self.scheduler: Scheduler | None = None
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._fd: int | None = None
-        self._read_scheduled = False
+        self._reader: SocketReader | None = None
         self._outbox: list[tuple[bytes, bytes]] = []
         self._flush_scheduled = False
 
@@ -64,8 +61,8 @@ class Broker:
                 sock.send(frame, _NOBLOCK, copy=len(frame) < COPY_THRESHOLD)
             except zmq.ZMQError as exc:
                 log.debug("send to %r failed: %s", identity[:32], exc)
-        if sock.get(_EVENTS) & _POLLIN:
-            self._schedule_read()
+        if sock.get(_EVENTS) & _POLLIN and self._reader is not None:
+            self._reader.schedule()
 
     async def start(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
@@ -82,37 +79,28 @@ class Broker:
         sock.bind(self.bind)
         self.socket = sock
         self._loop = asyncio.get_running_loop()
-        self._fd = sock.getsockopt(zmq.FD)
-        self._loop.add_reader(self._fd, self._read)
-        self._schedule_read()  # frames may be waiting already, and the edge is not re-raised for them
+        self._reader = SocketReader(self._loop, self._read_one)
+        self._reader.watch(sock.getsockopt(zmq.FD))
         log.info("mesh: ROUTER bound on %s", self.bind)
         self._tasks = [asyncio.create_task(self._timers(), name="mesh-timers")]
 
-    def _schedule_read(self) -> None:
-        if not self._read_scheduled and self._loop is not None:
-            self._read_scheduled = True
-            self._loop.call_soon(self._read)
-
-    def _read(self) -> None:
-        """Read what has arrived; at most RECV_BATCH frames per loop turn, so HTTP handlers get theirs."""
-        self._read_scheduled = False
-        for _ in range(RECV_BATCH):
-            sock = self.socket
-            if sock is None:
-                return
-            try:
-                # [identity, frame] read part by part: recv_multipart's option lookups cost more than the reads
-                frames = [sock.recv(_NOBLOCK)]
+    def _read_one(self) -> bool:
+        sock = self.socket
+        if sock is None:
+            return False
+        try:
+            # [identity, frame] read part by part: recv_multipart's option lookups cost more than the reads
+            frames = [sock.recv(_NOBLOCK)]
+            frames.append(sock.recv(_NOBLOCK))
+            while sock.get(_RCVMORE):
                 frames.append(sock.recv(_NOBLOCK))
-                while sock.get(_RCVMORE):
-                    frames.append(sock.recv(_NOBLOCK))
-            except zmq.Again:
-                return  # nothing left: ZeroMQ raises the descriptor's edge for the next frame
-            except zmq.ZMQError as exc:
-                log.warning("mesh receive failed: %s", exc)
-                return
-            self._process(frames)
-        self._schedule_read()
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            log.warning("mesh receive failed: %s", exc)
+            return False
+        self._process(frames)
+        return True
 
     def _process(self, frames: list[bytes]) -> None:
         assert self.scheduler is not None
@@ -146,9 +134,8 @@ class Broker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._fd is not None and self._loop is not None:
-            self._loop.remove_reader(self._fd)
-            self._fd = None
+        if self._reader is not None:
+            self._reader.unwatch()
         if self.socket is not None:
             self.socket.close(0)
             self.socket = None

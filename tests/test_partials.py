@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import msgpack
 
@@ -66,7 +67,12 @@ def _fake_router_stream(start_worker, name: str, version: str, window_ms: int) -
                "params": GENERATE, "seq": 1}
         fake.send_multipart([identity, msgpack.packb([4, job])])
         partials = []
-        while True:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            # A router that is alive: a worker that hears nothing for 2.25 s reconnects (and greets again).
+            fake.send_multipart([identity, msgpack.packb([3, {}])])
+            if not fake.poll(250):
+                continue
             command, body = msgpack.unpackb(fake.recv_multipart()[1])
             if command == 3:  # heartbeat
                 continue
@@ -75,6 +81,7 @@ def _fake_router_stream(start_worker, name: str, version: str, window_ms: int) -
                 continue
             assert command == 6, (command, body)
             return partials, body
+        raise AssertionError(f"no FINAL within 60 s; {len(partials)} PARTIALs")
     finally:
         fake.close()
         proc.stop()

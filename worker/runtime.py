@@ -19,14 +19,14 @@ from velesio.mesh import codec, protocol
 from velesio.mesh.codec import COPY_THRESHOLD
 from velesio.mesh.jobs import Job
 from velesio.mesh.protocol import Command
+from velesio.mesh.reader import SocketReader
 
 from .jobthreads import JobThreads
-from .partials import PARTIAL_WINDOW_MS, PartialBatch
 from .models import LoadedModel, device_info
+from .partials import PARTIAL_WINDOW_MS, PartialBatch
 
 log = logging.getLogger("velesio.worker")
 
-RECV_BATCH = 256  # frames read in one go before the event loop gets a turn
 _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 
 
@@ -173,10 +173,9 @@ class RouterLink:
     """One DEALER connection to one router, with Paranoid-Pirate style liveness and reconnects.
 
     The DEALER is a plain ZeroMQ socket shared by the event loop and the job threads under one lock: the
-    loop reads (it watches the socket's descriptor and reads every frame that has arrived, as the router's
-    broker does) and sends READY and HEARTBEAT; job threads send their PARTIALs and their FINAL themselves,
-    so a token or a result costs no wake-up of the loop. ZeroMQ's descriptor is edge-triggered and any use
-    of the socket may consume its edge, so a send that finds frames waiting schedules a read."""
+    loop reads it (mesh/reader.py, as the router's broker does) and sends READY and HEARTBEAT; job threads
+    send their PARTIALs and their FINAL themselves, so a result costs no wake-up of the loop. Any use of the
+    socket may consume its descriptor's edge, so a send that finds frames waiting schedules a read."""
 
     def __init__(self, worker: Worker, address: str):
         self.worker = worker
@@ -187,10 +186,8 @@ class RouterLink:
         self.seen_seq = 0  # highest REQUEST sequence number received on this connection
         self.router_minor = 0  # from WELCOME: what the router reads (protocol.PARTIAL_CHUNKS_MINOR)
         self._lock = threading.Lock()  # a ZeroMQ socket is not thread-safe; every use holds this
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
-        self._fd: int | None = None
-        self._read_scheduled = False
+        self._reader: SocketReader | None = None
 
     def send(self, command: Command, body: dict[str, Any] | None = None) -> None:
         """Send now, from the event loop or a job thread. Raises TypeError/ValueError for a body msgpack
@@ -211,48 +208,40 @@ class RouterLink:
             self._wake_reader()
 
     def _wake_reader(self) -> None:
-        loop = self._loop
-        if loop is None:
+        reader = self._reader
+        if reader is None:
             return
         if threading.get_ident() == self._loop_thread:
-            self._schedule_read()
+            reader.schedule()
         else:
             try:
-                loop.call_soon_threadsafe(self._schedule_read)
+                reader.loop.call_soon_threadsafe(reader.schedule)
             except RuntimeError:  # the loop is closed: the worker is stopping
                 pass
 
-    def _schedule_read(self) -> None:
-        if not self._read_scheduled and self._loop is not None:
-            self._read_scheduled = True
-            self._loop.call_soon(self._read)
-
-    def _read(self) -> None:
-        """Process what has arrived: at most RECV_BATCH frames per loop turn."""
-        self._read_scheduled = False
-        for _ in range(RECV_BATCH):
-            with self._lock:
-                sock = self.sock
-                if sock is None:
-                    return
-                try:
-                    frame = sock.recv(_NOBLOCK)
-                except zmq.Again:
-                    return  # nothing left: ZeroMQ raises the descriptor's edge for the next frame
-                except zmq.ZMQError as exc:
-                    log.warning("mesh receive from %s failed: %s", self.address, exc)
-                    return
+    def _read_one(self) -> bool:
+        with self._lock:
+            sock = self.sock
+            if sock is None:
+                return False
             try:
-                command, body = codec.decode(frame)
-            except codec.DecodeError as exc:
-                log.warning("bad frame from router %s: %s", self.address, exc)
-                continue
-            self.last_heard = time.monotonic()
-            try:
-                self.process(command, body)
-            except Exception:  # never let one bad message stop the link
-                log.exception("error while processing a %s from router %s", command.name, self.address)
-        self._schedule_read()
+                frame = sock.recv(_NOBLOCK)
+            except zmq.Again:
+                return False
+            except zmq.ZMQError as exc:
+                log.warning("mesh receive from %s failed: %s", self.address, exc)
+                return False
+        try:
+            command, body = codec.decode(frame)
+        except codec.DecodeError as exc:
+            log.warning("bad frame from router %s: %s", self.address, exc)
+            return True
+        self.last_heard = time.monotonic()
+        try:
+            self.process(command, body)
+        except Exception:  # never let one bad message stop the link
+            log.exception("error while processing a %s from router %s", command.name, self.address)
+        return True
 
     def _connect(self) -> None:
         self.close()
@@ -265,14 +254,12 @@ class RouterLink:
         if self.worker.curve is not None:
             self.worker.curve.apply_client(sock)
         sock.connect(self.address)
-        self._fd = sock.getsockopt(zmq.FD)
         with self._lock:
             self.sock = sock
-        self._loop.add_reader(self._fd, self._read)
         self.welcomed = False
         self.last_heard = time.monotonic()
         self.greet()
-        self._schedule_read()  # frames may be waiting already, and the edge is not raised again for them
+        self._reader.watch(sock.getsockopt(zmq.FD))
 
     def _jobs(self) -> dict[str, JobContext]:
         """The jobs this router gave us that are still running, by job id."""
@@ -295,9 +282,8 @@ class RouterLink:
                                       "memory_free_mb": self.worker.device.get("memory_free_mb")})
 
     def close(self) -> None:
-        if self._fd is not None and self._loop is not None:
-            self._loop.remove_reader(self._fd)
-            self._fd = None
+        if self._reader is not None:
+            self._reader.unwatch()
         with self._lock:
             sock, self.sock = self.sock, None
         if sock is not None:
@@ -305,9 +291,9 @@ class RouterLink:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, then every heartbeat interval: beat (or greet until welcomed) and check the router is
-        alive; reconnect with backoff when it is silent too long. Frames are read by ``_read``."""
-        self._loop = asyncio.get_running_loop()
+        alive; reconnect with backoff when it is silent too long. Frames are read by ``_read_one``."""
         self._loop_thread = threading.get_ident()
+        self._reader = SocketReader(asyncio.get_running_loop(), self._read_one)
         interval = self.worker.heartbeat_ms / 1000
         backoff = protocol.RECONNECT_MIN_S
         self._connect()
