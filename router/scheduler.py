@@ -82,9 +82,6 @@ class Scheduler:
     # ---- submission --------------------------------------------------------------------------
     async def resolve_model(self, op: str, model: str | None) -> str:
         """The model a job runs on; waits briefly for workers when none offers it yet."""
-        name = model or self._default_model(op)
-        if name and self._offered(name, op):
-            return name
         deadline = time.monotonic() + self.worker_wait_s
         while True:
             name = model or self._default_model(op)

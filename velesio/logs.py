@@ -3,7 +3,7 @@
 Lines below WARNING are written into the stream's buffer and flushed by a background thread every
 ``FLUSH_INTERVAL_S``; warnings and errors are flushed at once. A line per job therefore costs no system
 call, and in the worker no hand-over of the GIL from a job thread to the event loop in the middle of a job
-(a write releases the GIL), which cut the worker's cost per request by a fifth (docs/performance.md)."""
+(a write releases the GIL): about a tenth more requests/s through the mesh (docs/performance.md)."""
 
 from __future__ import annotations
 
