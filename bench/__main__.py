@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "by default; asyncio sets VELESIO_LOOP=asyncio for them)")
     p.add_argument("--client", choices=("wrk", "python"), default="wrk",
                    help="load generator of the overhead scenario (wrk when installed: apt-get install wrk)")
-    p.add_argument("--no-floor", action="store_true", help="skip the bare-aiohttp floor in the overhead scenario")
+    p.add_argument("--no-floor", action="store_true",
+                   help="skip the two floors (bare aiohttp; with a ZeroMQ echo hop) in the overhead scenario")
     p.add_argument("--profile", action="store_true",
                    help="sample the router with py-spy during overhead and stream (bench/results/profile-*.txt)")
     p.add_argument("--output", type=Path, help="JSON results (default bench/results/latest.json)")

@@ -23,7 +23,6 @@ ROUTER_CONFIG = {"rate_limit": {"requests_per_minute": 10_000_000, "concurrent":
                  "queue_max": 100_000}
 
 
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -24,6 +24,7 @@ SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repe
 SETTLE_S = 0.5  # a pause before each run: what the previous system left running (threads spinning down) ends
 RAW, MESH, PEER = ("llama-cpp-python, in process", "velesio mesh (HTTP, router, ZeroMQ, worker)",
                    "llama_cpp.server (FastAPI, same GGUF)")
+SHORT = {RAW: "raw", MESH: "mesh", PEER: "llama_cpp.server"}
 
 
 def summary(name: str, runs: list[dict[str, Any]], n: int) -> dict[str, Any]:
@@ -123,7 +124,7 @@ def end_to_end(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
                         runs[name].append(result)
                 if i > 0:
                     log(f"  round {i}: " + ", ".join(
-                        f"{name.split(' ')[0]} {summary(name, [runs[name][-1]], n)['decode_tokens_per_s']:.1f}"
+                        f"{SHORT[name]} {summary(name, [runs[name][-1]], n)['decode_tokens_per_s']:.1f}"
                         for name in names) + " tokens/s")
     finally:
         for client in clients:

@@ -51,7 +51,7 @@ class WorkerConfig:
     heartbeat_ms: int = protocol.HEARTBEAT_MS
     liveness: int = protocol.LIVENESS
     drain_s: float = 30.0
-    partial_window_ms: float = 20  # pieces of a stream sooner than this after the last PARTIAL go together
+    partial_window_ms: float = protocol.PARTIAL_WINDOW_MS  # stream pieces this soon after the last PARTIAL go together
     models: list[dict[str, Any]] | None = None  # None: the embedded default models
     curve: dict[str, str] | None = None  # {secret_key, router_public_key}; None: plain TCP
 

@@ -19,8 +19,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("velesio.worker")
 
-PARTIAL_WINDOW_MS = 20  # the default; worker.partial_window_ms in mesh.yaml, 0 sends every piece at once
-
 
 class PartialBatch:
     """Thread-safe: pieces come from the job's thread, the window's end is a timer on the event loop."""

@@ -23,7 +23,7 @@ from velesio.mesh.reader import SocketReader
 
 from .jobthreads import JobThreads
 from .models import LoadedModel, device_info
-from .partials import PARTIAL_WINDOW_MS, PartialBatch
+from .partials import PartialBatch
 
 log = logging.getLogger("velesio.worker")
 
@@ -35,7 +35,7 @@ class Worker:
 
     def __init__(self, models: list[LoadedModel], failures: list[dict[str, str]], *, name: str | None = None,
                  heartbeat_ms: int = protocol.HEARTBEAT_MS, liveness: int = protocol.LIVENESS,
-                 drain_s: float = 30.0, partial_window_ms: float = PARTIAL_WINDOW_MS, curve=None):
+                 drain_s: float = 30.0, partial_window_ms: float = protocol.PARTIAL_WINDOW_MS, curve=None):
         self.models = {m.config.name: m for m in models}
         self.failures = failures
         self.name = name or socket.gethostname()
