@@ -20,6 +20,10 @@ from .common import ECHO, ROOT, Log, Profiler, Settings, loadgen, pct, wait_port
 
 BODY = {"prompt": "Hello", "n_predict": 16}  # llama.cpp's dialect, as LLM for Unity sends it
 
+# Below saturation: this many clients, offered these shares of the closed-loop rate (wrk only).
+PACED_CONCURRENCY = 16
+PACED_SHARES = (0.25, 0.5)
+
 
 def in_process(n: int = 20000) -> dict[str, float]:
     """The benchmark backend's run() called directly, n times: what a request costs with no router."""
@@ -112,6 +116,7 @@ def overhead(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
                             points.setdefault((kind, c), []).append({**res, "rps": res["completed"] / res["window_s"]})
                             log(f"    floor ({kind}) {res['completed'] / res['window_s']:8.0f} req/s  "
                                 f"p50 {res['p50_ms']:.2f} ms  p99 {res['p99_ms']:.2f} ms")
+            paced = paced_points(s, mesh, points.get(("mesh", PACED_CONCURRENCY)), log)
         finally:
             for proc, _url in floors.values():
                 proc.stop()
@@ -129,5 +134,31 @@ def overhead(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
             fr = points[(kind, c)]
             floor_rows[kind].append({"concurrency": c, "rps": _median(fr, "rps"), "p50_ms": _median(fr, "p50_ms"),
                                      "p99_ms": _median(fr, "p99_ms")})
+    for p in paced:
+        p["added_p50_ms"], p["added_p99_ms"] = p["p50_ms"] - base["p50_ms"], p["p99_ms"] - base["p99_ms"]
     return {"in_process": base, "reply_bytes": reply_size, "client": client_name(s), "rounds": s.rounds,
-            "rows": rows, "floor": floor_rows["http"], "floor_zmq": floor_rows["zmq"]}
+            "rows": rows, "floor": floor_rows["http"], "floor_zmq": floor_rows["zmq"], "paced": paced}
+
+
+def paced_points(s: Settings, mesh: Cluster, closed: list[dict[str, Any]] | None, log: Log) -> list[dict[str, Any]]:
+    """Latency with the router below saturation: in a closed loop latency is N ÷ throughput, so it measures
+    the queue as much as the path. Here each client waits between requests (a random think time, mean T)
+    chosen so that the clients would offer a share of the closed-loop rate if requests took no time (they
+    offer a little less; the table gives what was measured)."""
+    if not closed or client_name(s) != "wrk":
+        return []
+    rps = _median(closed, "rps")
+    out = []
+    for share in PACED_SHARES:
+        think_ms = max(1.0, PACED_CONCURRENCY / (share * rps) * 1e3)
+        wrk.run(mesh.url + "/completion", mesh.headers, BODY, concurrency=PACED_CONCURRENCY,
+                duration_s=s.warmup, think_ms=think_ms)
+        res = wrk.run(mesh.url + "/completion", mesh.headers, BODY, concurrency=PACED_CONCURRENCY,
+                      duration_s=s.duration, think_ms=think_ms)
+        point = {"concurrency": PACED_CONCURRENCY, "share": share, "think_ms": think_ms,
+                 "rps": res["completed"] / res["window_s"], "p50_ms": res["p50_ms"], "p99_ms": res["p99_ms"],
+                 "errors": res["errors"]}
+        out.append(point)
+        log(f"  c={PACED_CONCURRENCY} paced (think {think_ms:.1f} ms, {share:.0%} of {rps:.0f} req/s): "
+            f"{point['rps']:.0f} req/s  p50 {res['p50_ms']:.2f} ms  p99 {res['p99_ms']:.2f} ms")
+    return out

@@ -101,6 +101,13 @@ def markdown(results: dict[str, Any]) -> str:
         lines += _table(["concurrency", "req/s", "added p50 ms", "added p99 ms", "router µs/req", "worker µs/req",
                          "client µs/req", "HTTP floor req/s", "HTTP floor p50 ms", "HTTP + ZeroMQ floor req/s",
                          "HTTP + ZeroMQ floor p50 ms", "errors"], rows) + [""]
+        if o.get("paced"):
+            lines += ["Below saturation (a closed loop's latency is N ÷ throughput, the queue as much as the path): "
+                      f"{o['paced'][0]['concurrency']} clients, each waiting a random time (mean T) between "
+                      "requests, offering a share of the closed-loop rate.", ""]
+            rows = [[f"{p['share']:.0%}", _f(p["think_ms"], 1), _f(p["rps"]), _f(p["added_p50_ms"], 2),
+                     _f(p["added_p99_ms"], 2), _f(p["errors"])] for p in o["paced"]]
+            lines += _table(["offered share", "T ms", "req/s", "added p50 ms", "added p99 ms", "errors"], rows) + [""]
     if "stream" in sc:
         st = sc["stream"]
         lines += [f"**2. Stream relay** — {st['tokens_per_stream']:,} tokens per stream, SSE through "

@@ -1,4 +1,4 @@
-"""wrk (https://github.com/wg/wrk, Debian package ``wrk``) as the closed-loop load generator for requests.
+"""wrk (https://github.com/wg/wrk, Debian package ``wrk``) as the load generator for requests: closed loop, or paced.
 
 A Python client costs about 300 µs of CPU per request, more than the router it measures, and on two
 cores that CPU is taken from the router and the worker. wrk, written in C, needs a few µs per request,
@@ -44,14 +44,29 @@ def _lua_string(text: str) -> str:
     return json.dumps(text)  # a JSON string literal is a valid Lua string literal for ASCII text
 
 
+# Paced runs: each connection waits a random 0 to 2 × think ms (mean: think) before its next request, so
+# that arrivals spread out instead of moving in step (wrk's ``delay`` hook; latency excludes the wait).
+THINK = """
+delay = function() return math.random(0, %(twice)d) end
+"""
+
+
+def lua_script(headers: dict[str, str], body: dict[str, Any], think_ms: float = 0) -> str:
+    lines = "\n".join(f"wrk.headers[{_lua_string(k)}] = {_lua_string(v)}" for k, v in headers.items())
+    script = SCRIPT % {"body": _lua_string(json.dumps(body)), "headers": lines}
+    if think_ms > 0:
+        script += THINK % {"twice": max(1, round(2 * think_ms))}
+    return script
+
+
 def run(url: str, headers: dict[str, str], body: dict[str, Any], *, concurrency: int, duration_s: float,
-        threads: int = 1) -> dict[str, Any]:
-    """One closed-loop run of ``concurrency`` connections; its counts, percentiles and wrk's CPU time."""
+        threads: int = 1, think_ms: float = 0) -> dict[str, Any]:
+    """One run of ``concurrency`` connections, closed loop (``think_ms`` 0) or paced; its counts, percentiles
+    and wrk's CPU time."""
     exe = available()
     if exe is None:
         raise RuntimeError("wrk is not installed (apt-get install wrk)")
-    lines = "\n".join(f"wrk.headers[{_lua_string(k)}] = {_lua_string(v)}" for k, v in headers.items())
-    script = SCRIPT % {"body": _lua_string(json.dumps(body)), "headers": lines}
+    script = lua_script(headers, body, think_ms)
     threads = max(1, min(threads, concurrency))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "post.lua"

@@ -4,9 +4,12 @@ speed targets live in the benchmark's own report, docs/performance.md)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,3 +31,26 @@ def test_bench_overhead_and_stream_smoke(tmp_path):
     table = out.with_suffix(".md").read_text()
     assert "**1. Router overhead**" in table and "| router overhead, c=16" not in table  # c=16 not run
     assert "**Targets**" in table
+
+
+def test_bench_overhead_with_wrk_closed_and_paced(tmp_path):
+    """wrk drives the router in a closed loop at 16 clients, then paced below saturation."""
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (apt-get install wrk)")
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "bench", "overhead", "--quick", "--no-floor", "--concurrency", "16",
+                          "--duration", "1", "--output", str(out)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    overhead = json.loads(out.read_text())["scenarios"]["overhead"]
+    assert overhead["client"] == "wrk"
+    closed = overhead["rows"][0]
+    assert closed["concurrency"] == 16 and closed["rps"] > 0 and closed["errors"] == 0
+    paced = overhead["paced"]
+    assert [p["share"] for p in paced] == [0.25, 0.5]
+    for p in paced:
+        assert p["errors"] == 0 and p["think_ms"] >= 1
+        assert 0 < p["rps"] < closed["rps"]  # the clients waited between requests
+    assert paced[0]["rps"] < paced[1]["rps"]
+    table = out.with_suffix(".md").read_text()
+    assert "Below saturation" in table and "| router overhead, c=16: requests/s" in table

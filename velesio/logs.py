@@ -42,6 +42,14 @@ class Lines(logging.Formatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return f"{self._second(record.created)},{int(record.msecs):03d}"
 
+    def format(self, record: logging.LogRecord) -> str:
+        # The line of a record without a traceback built directly: a third of the cost of the generic
+        # path (a %-format of the record's whole __dict__), the same text.
+        if record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)
+        record.message = record.getMessage()
+        return f"{self.formatTime(record)} {record.levelname} {record.name}: {record.message}"
+
 
 class JsonLines(logging.Formatter):
     def __init__(self) -> None:
