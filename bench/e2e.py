@@ -1,7 +1,9 @@
 """Scenario 3, end to end on the embedded SmolLM2-135M: the mesh (HTTP, router, ZeroMQ, a llama-cpp worker)
 against raw llama-cpp-python in one process and against ``llama_cpp.server``, on the same GGUF, thread
 count and sampling. All three stay up and take turns, one request at a time, the order rotating each
-round, so that the machine's drift falls on all of them alike; medians of the rounds after a warm-up."""
+round, so that the machine's drift falls on all of them alike; medians of the rounds after a warm-up. The
+ratios to raw are medians of each round's own ratio: the runs of one round are seconds apart, the rounds
+minutes, so a round's ratio cancels most of the machine's drift."""
 
 from __future__ import annotations
 
@@ -27,9 +29,24 @@ RAW, MESH, PEER = ("llama-cpp-python, in process", "velesio mesh (HTTP, router, 
 SHORT = {RAW: "raw", MESH: "mesh", PEER: "llama_cpp.server"}
 
 
+def _good(r: dict[str, Any]) -> bool:
+    return bool(r.get("ok")) and r.get("ttft") is not None and bool(r.get("t_last"))
+
+
+def decode_rate(r: dict[str, Any], n: int) -> float | None:
+    """Tokens/s after the first token of one run, None for a failed one."""
+    return (n - 1) / (r["t_last"] - r["ttft"]) if _good(r) and r["t_last"] > r["ttft"] else None
+
+
+def paired_ratio(runs: list[dict[str, Any]], base: list[dict[str, Any]], n: int) -> float:
+    """The median over rounds of this system's tokens/s ÷ the base system's in the same round."""
+    ratios = [a / b for a, b in ((decode_rate(x, n), decode_rate(y, n)) for x, y in zip(runs, base)) if a and b]
+    return statistics.median(ratios) if ratios else float("nan")
+
+
 def summary(name: str, runs: list[dict[str, Any]], n: int) -> dict[str, Any]:
-    good = [r for r in runs if r.get("ok") and r.get("ttft") is not None and r.get("t_last")]
-    decode = [(n - 1) / (r["t_last"] - r["ttft"]) for r in good if r["t_last"] > r["ttft"]]
+    good = [r for r in runs if _good(r)]
+    decode = [d for d in (decode_rate(r, n) for r in runs) if d is not None]
     overall = [n / r["t_last"] for r in good]
     return {"system": name, "runs": len(runs), "failed": len(runs) - len(good),
             "ttft_p50_ms": pct([r["ttft"] * 1e3 for r in good], 50),
@@ -136,7 +153,8 @@ def end_to_end(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
     base = rows[0]
     for row in rows:
         if "skipped" not in row:
-            row["ratio_tokens_per_s"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+            row["ratio_tokens_per_s"] = paired_ratio(runs[row["system"]], runs[base["system"]], n)
+            row["ratio_of_medians"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
             row["ratio_ttft"] = row["ttft_p50_ms"] / base["ttft_p50_ms"]
         log(f"  {row['system']}: " + (f"TTFT {row['ttft_p50_ms']:.1f} ms, {row['decode_tokens_per_s']:.1f} tokens/s"
                                       if "skipped" not in row else "skipped"))

@@ -54,4 +54,4 @@ def minor(version: object) -> int:
 
 
 PARTIAL_CHUNKS_MINOR = 1  # routers from 1.1 read PARTIAL ``chunks``; a worker sends one piece each to older ones
-PARTIAL_WINDOW_MS = 20  # a worker's default window for sending a stream's pieces together (worker/partials.py)
+PARTIAL_WINDOW_MS = 50  # a worker's default window for sending a stream's pieces together (worker/partials.py)

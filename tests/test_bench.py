@@ -4,6 +4,7 @@ speed targets live in the benchmark's own report, docs/performance.md)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -54,3 +55,21 @@ def test_bench_overhead_with_wrk_closed_and_paced(tmp_path):
     assert paced[0]["rps"] < paced[1]["rps"]
     table = out.with_suffix(".md").read_text()
     assert "Below saturation" in table and "| router overhead, c=16: requests/s" in table
+
+
+def test_end_to_end_ratio_pairs_the_runs_of_each_round():
+    """The ratio to raw is the median of each round's own ratio; failed runs drop their round only."""
+    from bench.e2e import decode_rate, paired_ratio
+
+    def run(tokens_per_s: float, ok: bool = True) -> dict:
+        return {"ok": ok, "ttft": 0.01, "t_last": 0.01 + 9 / tokens_per_s}  # 10 tokens: 9 after the first
+
+    raw = [run(100), run(50), run(200), run(100)]
+    mesh = [run(95), run(49), run(190), run(99)]
+    assert decode_rate(raw[0], 10) == pytest.approx(100)
+    # rounds 0.95, 0.98, 0.95, 0.99: median 0.965 (the ratio of the medians would be 97 / 100)
+    assert paired_ratio(mesh, raw, 10) == pytest.approx(0.965)
+    mesh[1] = run(10, ok=False)
+    assert decode_rate(mesh[1], 10) is None
+    assert paired_ratio(mesh, raw, 10) == pytest.approx(0.95)  # 0.95, 0.95, 0.99
+    assert math.isnan(paired_ratio([run(100, ok=False)], [run(100)], 10))
