@@ -126,8 +126,8 @@ def markdown(results: dict[str, Any]) -> str:
         else:
             lines += [f"**3. End to end** — {e['model']}, {e['n_predict']} tokens (end of generation banned), "
                       f"{e['threads']} threads, one request at a time, the three systems taking turns; median of "
-                      f"{e['reps']} rounds after one warm-up round; ÷ raw: the median of each round's own ratio (the ratio of "
-                      "the medians in brackets).", ""]
+                      f"{e['reps']} rounds after one warm-up round; ÷ raw: the median of each round's own "
+                      "ratio (the ratio of the medians in brackets).", ""]
             rows = [[f"{r['system']} (skipped: {r['skipped'][:80]})", "–", "–", "–", "–", "–"] if "skipped" in r else
                     [r["system"], _f(r["ttft_p50_ms"], 1), _f(r["decode_tokens_per_s"], 1), _f(r["tokens_per_s"], 1),
                      f"{_f(r['ratio_tokens_per_s'], 3)} ({_f(r.get('ratio_of_medians'), 3)})",
