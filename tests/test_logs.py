@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 
 from velesio.logs import JsonLines, Lines
 
@@ -40,3 +41,12 @@ def test_json_lines_carry_the_job_and_worker():
     entry = json.loads(JsonLines().format(record))
     assert entry["msg"] == "job j1 done" and entry["job"] == "j1" and entry["worker"] == "w1"
     assert entry["level"] == "INFO" and entry["ts"].endswith("Z")
+
+
+def test_plain_line_date_follows_each_record_second():
+    fast = Lines()
+    for created in (1_700_000_000.25, 1_700_000_001.5, 1_700_000_000.75):  # a second back too
+        record = _record("x", ())
+        record.created, record.msecs = created, (created % 1) * 1000
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(created)))
+        assert fast.format(record).startswith(f"{stamp},{int(record.msecs):03d} INFO ")

@@ -19,17 +19,20 @@ FLUSH_INTERVAL_S = 0.1
 
 
 class _SecondCache:
-    """``strftime`` of the current second, computed once per second instead of once per line."""
+    """``strftime`` of the current second, computed once per second instead of once per line. Job threads
+    log too: the second and its text are one tuple, replaced in one assignment, so no thread reads a new
+    second with the previous one's text."""
 
     def __init__(self, fmt: str, convert) -> None:
         self.fmt, self.convert = fmt, convert
-        self.second, self.text = -1, ""
+        self._cached: tuple[int, str] = (-1, "")
 
     def __call__(self, created: float) -> str:
         second = int(created)
-        if second != self.second:
-            self.second, self.text = second, time.strftime(self.fmt, self.convert(second))
-        return self.text
+        cached = self._cached
+        if cached[0] != second:
+            cached = self._cached = (second, time.strftime(self.fmt, self.convert(second)))
+        return cached[1]
 
 
 class Lines(logging.Formatter):
