@@ -30,13 +30,16 @@ API_VERSION = 1
 
 @dataclasses.dataclass
 class ModelConfig:
-    """One model entry of mesh.yaml: ``{name, backend, path, slots, options}``."""
+    """One model entry of mesh.yaml: ``{name, backend, path, slots, options}``, and what the worker adds."""
 
     name: str
     backend: str
     path: str | None = None
     slots: int = 1
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # CPU threads the worker gives this model (its share of the host's cores, see worker/cpu.py); None: the
+    # backend's own default. A thread count in ``options`` is the operator's and wins over it.
+    threads: int | None = None
 
 
 class BackendError(Exception):
@@ -96,6 +99,10 @@ class Backend(abc.ABC):
 
     Class attributes declare what the backend is; the worker advertises them to the router, which routes
     on ``operations`` and model names only.
+
+    CPU threads: a backend that computes on the CPU uses ``config.threads`` threads when it is set (unless
+    its options fix a count), and implements ``set_threads`` so that the worker can change that count while
+    it runs: workers on one host share its cores, and each one's share changes when another joins or leaves.
     """
 
     name: ClassVar[str]  # e.g. "llama-cpp"; the ``backend:`` value in mesh.yaml
@@ -124,6 +131,12 @@ class Backend(abc.ABC):
     def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
         """Run one job (blocking, in a worker thread) and return its result; raise BackendError subclasses
         for errors a client should see. Stream with ``ctx.emit``; stop early when ``ctx.cancelled``."""
+
+    def set_threads(self, n: int) -> None:
+        """The worker's share of the CPU changed: use ``n`` threads from now on (at least 1), ideally from
+        the next token or step. Called from a thread other than the jobs', possibly while jobs run or before
+        ``load()`` has returned; it must not block for long. A count fixed in the model's options stays as
+        it is. The default does nothing (backends that do not compute on the CPU, or cannot change it)."""
 
     def close(self) -> None:
         """Release the model."""

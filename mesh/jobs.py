@@ -20,15 +20,20 @@ class Job:
     stream: bool = False
     id: str = dataclasses.field(default_factory=new_job_id)
     attempt: int = 1
+    exclusive: bool = False  # run alone in its backend (a job retried after a crash it shared with others)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"id": self.id, "attempt": self.attempt, "op": self.op, "model": self.model,
+        wire = {"id": self.id, "attempt": self.attempt, "op": self.op, "model": self.model,
                 "stream": self.stream, "params": self.params}
+        if self.exclusive:
+            wire["exclusive"] = True
+        return wire
 
     @classmethod
     def from_wire(cls, body: dict[str, Any]) -> "Job":
         return cls(op=str(body["op"]), model=str(body["model"]), params=dict(body.get("params") or {}),
-                   stream=bool(body.get("stream")), id=str(body["id"]), attempt=int(body.get("attempt", 1)))
+                   stream=bool(body.get("stream")), id=str(body["id"]), attempt=int(body.get("attempt", 1)),
+                   exclusive=bool(body.get("exclusive")))
 
 
 # Text generation parameters as every backend receives them (dialects fill these, defaults applied):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-VERSION = "1.1"  # 1.1: PARTIAL may carry several pieces as ``chunks``
+VERSION = "1.2"  # 1.1: PARTIAL may carry several pieces as ``chunks``; 1.2: backend processes (crashes, exclusive)
 MAJOR = VERSION.split(".")[0]
 
 

@@ -18,6 +18,7 @@ CODES: dict[str, tuple[int, str]] = {
     "rate_limited": (429, "rate_limit_error"),
     "cancelled": (499, "server_error"),
     "internal_error": (500, "server_error"),
+    "job_crashed_backend": (500, "server_error"),
     "not_supported": (501, "not_supported_error"),
     "queue_full": (503, "unavailable_error"),
     "no_worker": (503, "unavailable_error"),

@@ -39,13 +39,21 @@ class MeshCollector(Collector):
                                 labels=["worker"])
         free = GaugeMetricFamily("velesio_worker_free_slots", "Free slots per worker and model",
                                  labels=["worker", "model"])
+        restarts = GaugeMetricFamily("velesio_backend_restarts", "Restarts of each model's backend process "
+                                     "since its worker started", labels=["worker", "model"])
+        up = GaugeMetricFamily("velesio_backend_up", "1 while a model's backend process is ready, 0 while it "
+                               "restarts", labels=["worker", "model"])
         now = time.monotonic()
         for w in s.workers.values():
             in_flight.add_metric([w.name], len(w.running))
             age.add_metric([w.name], now - w.last_seen)
             for model in w.models:
                 free.add_metric([w.name, model], w.free(model))
-        yield from (depth, workers, in_flight, age, free)
+                up.add_metric([w.name, model], 1 if w.available(model) else 0)
+                backend = w.backends.get(model) or {}
+                if isinstance(backend.get("restarts"), int):
+                    restarts.add_metric([w.name, model], backend["restarts"])
+        yield from (depth, workers, in_flight, age, free, restarts, up)
 
 
 class Metrics:
@@ -68,10 +76,13 @@ class Metrics:
         self.failovers = CounterFamily("velesio_failovers", "Jobs moved to another worker", ("model",))
         self.cancellations = CounterFamily("velesio_cancellations", "Jobs cancelled (client gone, interrupt)",
                                            ("model",))
+        self.crashes = CounterFamily("velesio_backend_crashes", "Backend processes that died running a job",
+                                     ("worker", "model"))
         self.registry = CollectorRegistry()
         self.registry.register(FamiliesCollector([
             self.requests, self.rate_limited, self.queue_wait, self.ttft, self.job_seconds, self.tokens,
-            self.tokens_per_second, self.image_steps, self.jobs, self.failovers, self.cancellations]))
+            self.tokens_per_second, self.image_steps, self.jobs, self.failovers, self.cancellations,
+            self.crashes]))
         self.registry.register(MeshCollector(scheduler))
 
     def observe(self, event: str, rec: JobRecord, **data: Any) -> None:
@@ -89,6 +100,8 @@ class Metrics:
             self.failovers.inc(model)
         elif event == "cancel":
             self.cancellations.inc(model)
+        elif event == "crash":
+            self.crashes.inc((str(data.get("worker")), job.model))
         elif event == "end":
             outcome = data.get("outcome", "ok")
             self.jobs.inc((job.model, job.op, outcome))

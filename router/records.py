@@ -16,8 +16,9 @@ class WorkerState:
         self.name = str(greeting.get("worker") or identity.decode(errors="replace"))
         self.version = str(greeting.get("version"))
         self.update(greeting.get("capabilities") or {})
-        self.running: dict[tuple[str, int], str] = {}  # (job id, attempt) -> model; change it through
-        self.busy: dict[str, int] = {}  # model -> jobs running; start_job / end_job / clear_jobs keep both
+        self.running: dict[tuple[str, int], tuple[str, int]] = {}  # (job id, attempt) -> (model, slots held);
+        self.busy: dict[str, int] = {}  # model -> slots held; start_job / end_job / clear_jobs keep both
+        self.backends: dict[str, dict[str, Any]] = {}  # model -> its backend process (state, crashes, restarts)
         self.last_seen = time.monotonic()
         self.registered_at = time.time()
         self.jobs_done = 0
@@ -27,6 +28,7 @@ class WorkerState:
 
     def update(self, caps: dict[str, Any]) -> None:
         self.caps = caps
+        self.update_backends(caps.get("backends"))
         self.models: dict[str, dict[str, Any]] = {}
         for m in caps.get("models") or []:
             if isinstance(m, dict) and isinstance(m.get("name"), str):
@@ -35,16 +37,28 @@ class WorkerState:
                 m.setdefault("meta", {})
                 self.models[m["name"]] = m
 
-    def start_job(self, key: tuple[str, int], model: str) -> None:
+    def update_backends(self, backends: Any) -> None:
+        """The state of each model's backend process, from READY or a heartbeat (docs/protocol.md)."""
+        if isinstance(backends, dict):
+            self.backends = {str(k): v for k, v in backends.items() if isinstance(v, dict)}
+
+    def available(self, model: str) -> bool:
+        """False while the model's backend process restarts after a crash."""
+        state = self.backends.get(model, {}).get("state", "ready")
+        return state == "ready"
+
+    def start_job(self, key: tuple[str, int], model: str, slots: int = 1) -> None:
         if key not in self.running:
-            self.running[key] = model
-            self.busy[model] = self.busy.get(model, 0) + 1
+            self.running[key] = (model, slots)
+            self.busy[model] = self.busy.get(model, 0) + slots
 
     def end_job(self, key: tuple[str, int]) -> str | None:
         """The model of a job that ended, None for a job this worker was not running."""
-        model = self.running.pop(key, None)
-        if model is not None:
-            self.busy[model] -= 1
+        entry = self.running.pop(key, None)
+        if entry is None:
+            return None
+        model, slots = entry
+        self.busy[model] -= slots
         return model
 
     def clear_jobs(self) -> None:
@@ -52,6 +66,8 @@ class WorkerState:
         self.busy.clear()
 
     def free(self, model: str) -> int:
+        if not self.available(model):
+            return 0
         return max(0, int(self.models[model]["slots"]) - self.busy.get(model, 0))
 
     @property
@@ -72,7 +88,8 @@ class WorkerState:
             "device": self.caps.get("device"),
             "memory_total_mb": self.caps.get("memory_total_mb"),
             "memory_free_mb": self.caps.get("memory_free_mb"),
-            "models": [{"name": n, "slots": m["slots"], "free": self.free(n), "kind": m.get("kind")}
+            "models": [{"name": n, "slots": m["slots"], "free": self.free(n), "kind": m.get("kind"),
+                        **({"backend_process": self.backends[n]} if n in self.backends else {})}
                        for n, m in sorted(self.models.items())],
             "failures": self.caps.get("failures") or [],
             "heartbeat_age_s": round(time.monotonic() - self.last_seen, 3),
@@ -122,6 +139,8 @@ class JobRecord:
         self.failovers = 0
         self.progress_count = -1
         self.dispatch_seq = 0
+        self.crashes = 0  # backends this job crashed while alone in them (docs/protocol.md "Crashes")
+        self.shared_crashes = 0  # backends that crashed while running this job among others
 
     @property
     def visible(self) -> bool:

@@ -80,6 +80,7 @@ async def result_of(request: web.Request, job: Job) -> dict[str, Any]:
             if kind == "final":
                 return payload
             if kind == "error":
+                payload.headers.setdefault("X-Request-Id", job.id)  # the id the logs name the job by
                 raise payload
     finally:
         if not rec.done:  # the client went away (handler cancelled)

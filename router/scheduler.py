@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 import time
 from typing import Any, Callable
@@ -23,13 +24,26 @@ log = logging.getLogger("velesio.router")
 
 TEXT_STREAM_OPS = ("completion", "chat")
 MAX_ATTEMPTS = 4
+JOB_CRASH_LIMIT = 1  # backends a job may crash, alone in them, before it ends with job_crashed_backend
+SHARED_CRASH_LIMIT = 2  # backends a job may be in when they crash among other jobs
+
+
+def params_digest(job: Job) -> str:
+    """What a log may say of a job's parameters: a digest and their sizes, never the prompt or the token."""
+    try:
+        packed = codec.encode(Command.REQUEST, {"op": job.op, "params": job.params})
+    except Exception:  # noqa: BLE001 - parameters that cannot be packed were refused before dispatch
+        packed = repr(sorted(job.params)).encode()
+    sizes = ",".join(f"{k}={len(v)}" for k, v in sorted(job.params.items()) if isinstance(v, (str, list, dict)))
+    return f"sha256:{hashlib.sha256(packed).hexdigest()[:16]} {job.op} [{sizes}]"
 
 
 class Scheduler:
     def __init__(self, send: Callable[[bytes, bytes], None], *, queue_max: int = 64,
                  heartbeat_ms: int = protocol.HEARTBEAT_MS, liveness: int = protocol.LIVENESS,
                  job_stall_s: float = 60.0, worker_wait_s: float = 5.0,
-                 default_models: dict[str, str | None] | None = None, router_name: str = "router"):
+                 default_models: dict[str, str | None] | None = None, router_name: str = "router",
+                 job_crash_limit: int = JOB_CRASH_LIMIT):
         self.send = send
         self.queue_max = queue_max
         self.heartbeat_ms = heartbeat_ms
@@ -38,6 +52,7 @@ class Scheduler:
         self.worker_wait_s = worker_wait_s
         self.default_models = default_models or {}
         self.router_name = router_name
+        self.job_crash_limit = job_crash_limit
         self.workers: dict[bytes, WorkerState] = {}
         self.jobs: dict[str, JobRecord] = {}
         self.queues: dict[str, collections.deque[JobRecord]] = collections.defaultdict(collections.deque)
@@ -154,9 +169,10 @@ class Scheduler:
 
     # ---- dispatch ----------------------------------------------------------------------------
     def _candidates(self, job: Job) -> list[WorkerState]:
+        """Workers that can take the job now; an exclusive job needs its model's every slot free."""
         return [w for w in self.workers.values()
                 if not w.draining and job.model in w.models and job.op in w.models[job.model]["operations"]
-                and w.free(job.model) > 0]
+                and w.free(job.model) >= (int(w.models[job.model]["slots"]) if job.exclusive else 1)]
 
     def _drain(self, model: str) -> None:
         queue = self.queues.get(model)
@@ -182,7 +198,8 @@ class Scheduler:
         rec.worker = worker
         rec.last_activity = time.monotonic()
         rec.dispatch_seq = worker.seq
-        worker.start_job((rec.job.id, rec.job.attempt), rec.job.model)
+        slots = int(worker.models[rec.job.model]["slots"]) if rec.job.exclusive else 1
+        worker.start_job((rec.job.id, rec.job.attempt), rec.job.model, slots)
         worker.last_dispatch = time.monotonic()
         self.send(worker.identity, frame)
         self._observe("dispatch", rec)
@@ -253,6 +270,12 @@ class Scheduler:
             if "memory_free_mb" in body:
                 worker.caps["memory_free_mb"] = body["memory_free_mb"]
             worker.draining = bool(body.get("draining"))
+            if "backends" in body:
+                was = {m for m in worker.models if worker.available(m)}
+                worker.update_backends(body["backends"])
+                for model in worker.models:
+                    if worker.available(model) and model not in was:
+                        self._drain(model)  # a backend process is back after a restart
             progress = body.get("progress")
             if isinstance(progress, dict):
                 self._note_progress(worker, progress)
@@ -284,7 +307,7 @@ class Scheduler:
             worker.update(body.get("capabilities") or {})
         # Jobs the worker still runs from before (a router restart) occupy its slots until they end.
         for job_id, model in (body.get("running") or {}).items():
-            if isinstance(model, str):
+            if isinstance(model, str) and model in worker.models:
                 worker.start_job((job_id, 0), model)
         self.known_models.update(worker.models)
         self._defaults.clear()
@@ -328,7 +351,40 @@ class Scheduler:
             if code == "busy":
                 self._fail_over(rec, f"worker {worker.name} was busy")
                 return
+            if code == "backend_restarted":  # stopped for another job's sake: no blame
+                self._fail_over(rec, f"the backend of worker {worker.name} was restarted")
+                return
+            if code == "backend_crashed":
+                self._crashed(rec, worker, body)
+                return
             self._finish(rec, "error", ApiError(code, str(body.get("message") or code), body.get("details")))
+
+    def _crashed(self, rec: JobRecord, worker: WorkerState, body: dict[str, Any]) -> None:
+        """A backend process died while running the job (docs/protocol.md "Crashes"). A job that was alone in
+        it is to blame: after ``job_crash_limit`` such crashes it ends with ``job_crashed_backend`` and is
+        not retried. A job that shared the crash with others is retried alone (exclusive), so that a second
+        crash is its own."""
+        details = body.get("details") if isinstance(body.get("details"), dict) else {}
+        alone = bool(details.get("alone"))
+        reason = str(details.get("reason") or "crashed")
+        if alone:
+            rec.crashes += 1
+        else:
+            rec.shared_crashes += 1
+            rec.job.exclusive = True
+        self._observe("crash", rec, worker=worker.name)
+        log.error("job %s crashed the backend of %s on worker %s (%s; %s; params %s)", rec.job.id, rec.job.model,
+                  worker.name, reason, "alone in it" if alone else f"with {details.get('jobs', '?')} jobs in it",
+                  params_digest(rec.job), extra={"job": rec.job.id, "worker": worker.name})
+        if rec.crashes >= self.job_crash_limit or rec.shared_crashes >= SHARED_CRASH_LIMIT:
+            crashes = rec.crashes + rec.shared_crashes
+            self._finish(rec, "error", ApiError(
+                "job_crashed_backend",
+                f"this request crashed the backend of model '{rec.job.model}' ({reason}); it was stopped after "
+                f"{crashes} crash{'es' if crashes > 1 else ''} and is not retried",
+                {"worker": worker.name, "reason": reason, "crashes": crashes}))
+            return
+        self._fail_over(rec, f"the backend of worker {worker.name} {reason}")
 
     def _note_progress(self, worker: WorkerState, progress: dict[str, Any]) -> None:
         """A job whose progress counter moved since the last heartbeat is not stuck."""

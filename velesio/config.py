@@ -38,6 +38,7 @@ class RouterConfig:
     heartbeat_ms: int = protocol.HEARTBEAT_MS
     liveness: int = protocol.LIVENESS
     job_stall_s: float = 60.0
+    job_crash_limit: int = 1  # backends a job may crash before it ends with job_crashed_backend (1 or 2)
     drain_s: float = 10.0  # on SIGTERM, how long requests in flight may finish
     cors_origins: list[str] = dataclasses.field(default_factory=lambda: ["*"])
     curve: dict[str, str] | None = None  # {secret_key, allowed_workers}; None: plain TCP
@@ -51,6 +52,7 @@ class WorkerConfig:
     heartbeat_ms: int = protocol.HEARTBEAT_MS
     liveness: int = protocol.LIVENESS
     drain_s: float = 30.0
+    cancel_grace_s: float = 10.0  # a cancelled job still running after this long ends by a backend restart
     partial_window_ms: float = protocol.PARTIAL_WINDOW_MS  # stream pieces this soon after the last PARTIAL go together
     models: list[dict[str, Any]] | None = None  # None: the embedded default models
     curve: dict[str, str] | None = None  # {secret_key, router_public_key}; None: plain TCP
@@ -127,11 +129,17 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
     router.tokens = tokens
     router.rate_limit = _fill(TokenLimits, rate_raw, "router.rate_limit")
     router.token_limits = {str(k): _fill(TokenLimits, v, f"router.token_limits.{k}") for k, v in limits_raw.items()}
+    crash_limit = router.job_crash_limit
+    if isinstance(crash_limit, bool) or crash_limit not in (1, 2):
+        raise ConfigError(f"router.job_crash_limit: 1 or 2, not {crash_limit!r}")
     if router.options_scope not in ("token", "global"):
         raise ConfigError(f"router.options_scope: 'token' or 'global', not {router.options_scope!r}")
     worker = _fill(WorkerConfig, raw.get("worker"), "worker")
     if isinstance(worker.routers, str):
         worker.routers = [worker.routers]
+    grace = worker.cancel_grace_s
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not grace > 0:
+        raise ConfigError(f"worker.cancel_grace_s: a number of seconds > 0, not {grace!r}")
     window = worker.partial_window_ms
     if isinstance(window, bool) or not isinstance(window, (int, float)) or not 0 <= window <= 1000:
         raise ConfigError(f"worker.partial_window_ms: a number of milliseconds from 0 to 1000, not {window!r}")

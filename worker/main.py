@@ -14,7 +14,8 @@ from velesio.logs import setup_logging
 from velesio.mesh import curve
 from velesio.plugins.discovery import describe, discover
 
-from .models import load_models
+from . import cpu
+from .models import start_models
 from .runtime import Worker
 
 log = logging.getLogger("velesio.worker")
@@ -51,26 +52,41 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if link_security is None:
         log.warning("mesh link is plain TCP (no worker.curve in the config): for a single trusted host only")
+    registry = cpu.HostRegistry()
     try:
-        models, failures = load_models(cfg.models)
-    except ValueError as exc:
-        print(f"velesio-worker: {exc}", file=sys.stderr)
-        return 2
-    worker = Worker(models, failures, name=args.name or cfg.name, heartbeat_ms=cfg.heartbeat_ms,
-                    liveness=cfg.liveness, drain_s=cfg.drain_s, partial_window_ms=cfg.partial_window_ms,
-                    curve=link_security)
-    served = ", ".join(f"{m.config.name} ({m.config.backend}, {m.config.slots} slot(s))" for m in models)
-    print(f"velesio-worker {worker.name}: serving {served or 'nothing'}"
-          f"{f'; {len(failures)} failure(s), see log' if failures else ''}; routers {', '.join(routers)}",
-          flush=True)
-    return event_loop.run(_serve(worker, routers))
+        registry.join()
+    except OSError as exc:
+        log.warning("cannot register in %s (%s): this worker's CPU share ignores other workers on the host",
+                    registry.folder, exc)
+    worker = Worker(name=args.name or cfg.name, heartbeat_ms=cfg.heartbeat_ms, liveness=cfg.liveness,
+                    drain_s=cfg.drain_s, partial_window_ms=cfg.partial_window_ms, curve=link_security,
+                    registry=registry)
+    try:
+        return event_loop.run(_serve(worker, cfg, routers, args))
+    finally:
+        registry.leave()
 
 
-async def _serve(worker: Worker, routers: list[str]) -> int:
+async def _serve(worker: Worker, cfg: mesh_config.WorkerConfig, routers: list[str], args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    try:
+        models, failures = await start_models(cfg.models, worker, cancel_grace_s=cfg.cancel_grace_s,
+                                              log_level=args.log_level, log_json=args.log_json,
+                                              threads=worker.threads)
+    except ValueError as exc:
+        print(f"velesio-worker: {exc}", file=sys.stderr)
+        return 2
+    worker.serve_models(models, failures)
+    served = ", ".join(f"{m.config.name} ({m.config.backend}, {m.config.slots} slot(s))" for m in models)
+    print(f"velesio-worker {worker.name}: serving {served or 'nothing'}"
+          f"{f'; {len(failures)} failure(s), see log' if failures else ''}; routers {', '.join(routers)}",
+          flush=True)
+    if stop.is_set():  # stopped while the models were loading
+        await asyncio.gather(*(m.process.stop() for m in models))
+        return 0
     await worker.serve(routers, stop)
     log.info("worker %s stopped after %d job(s)", worker.name, worker.jobs_done)
     return 0

@@ -1,37 +1,44 @@
-"""Loading the models a worker serves: backends found through entry points, one instance per model.
-A backend or model that fails is recorded with its reason and fix; it never takes the worker down."""
+"""The models a worker serves: backends found through entry points, one backend process per model."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
 import sys
-import threading
 import time
 from typing import Any
 
 from velesio.backends import Backend, ModelConfig
 from velesio.plugins.discovery import discover
 
+from .supervisor import BackendLimits, BackendProcess, Events
+
 log = logging.getLogger("velesio.worker")
 
 
 @dataclasses.dataclass
 class LoadedModel:
+    """A model this worker serves: its configuration and the backend process that runs its jobs."""
+
     config: ModelConfig
-    backend: Backend
-    meta: dict[str, Any]
-    operations: list[str]
+    process: BackendProcess
     kind: str
-    busy: int = 0
+    busy: int = 0  # slots taken by running jobs (an exclusive job takes them all)
+
+    @property
+    def operations(self) -> list[str]:
+        return self.process.operations
 
     @property
     def free(self) -> int:
+        if self.process.state != "ready":
+            return 0  # restarting after a crash: no job until it is back
         return max(0, self.config.slots - self.busy)
 
     def advert(self) -> dict[str, Any]:
-        meta = {k: v for k, v in self.meta.items() if k != "operations"}
+        meta = {**self.process.meta, "max_job_s": self.process.limits.max_job_s}
         return {"name": self.config.name, "backend": self.config.backend, "kind": self.kind,
                 "operations": self.operations, "slots": self.config.slots, "meta": meta}
 
@@ -44,7 +51,7 @@ def model_configs(entries: list[dict[str, Any]] | None, backends: dict[str, type
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not entry.get("name") or not entry.get("backend"):
             raise ValueError(f"worker.models[{i}]: needs at least name and backend")
-        unknown = set(entry) - {"name", "backend", "path", "slots", "options"}
+        unknown = set(entry) - {"name", "backend", "path", "slots", "options", *LIMIT_KEYS}
         if unknown:
             raise ValueError(f"worker.models[{i}]: unknown key(s) {', '.join(sorted(unknown))}")
         slots = entry.get("slots", 1)
@@ -63,8 +70,28 @@ def model_configs(entries: list[dict[str, Any]] | None, backends: dict[str, type
     return configs
 
 
-def load_models(entries: list[dict[str, Any]] | None) -> tuple[list[LoadedModel], list[dict[str, str]]]:
-    """Discover backends, then load every model, in parallel threads. Returns (loaded, failures)."""
+LIMIT_KEYS = ("max_job_s", "max_memory_mb")  # per model entry, enforced by the worker (worker/supervisor.py)
+
+
+def model_limits(entry: dict[str, Any] | None, where: str, cancel_grace_s: float) -> BackendLimits:
+    """A model entry's ``max_job_s`` and ``max_memory_mb``, checked; the defaults for what it leaves out."""
+    values: dict[str, Any] = {"cancel_grace_s": cancel_grace_s}
+    for key in LIMIT_KEYS:
+        value = (entry or {}).get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{where}.{key}: a number > 0, not {value!r}")
+        values[key] = int(value) if key == "max_memory_mb" else float(value)
+    return BackendLimits(**values)
+
+
+async def start_models(entries: list[dict[str, Any]] | None, events: Events, *, cancel_grace_s: float,
+                       log_level: str = "INFO", log_json: bool = False,
+                       threads: int | None = None) -> tuple[list[LoadedModel], list[dict[str, str]]]:
+    """Discover backends, then start every model's backend process, in parallel. Returns (loaded, failures);
+    a backend or model that fails is recorded with its reason and never takes the worker down. Raises
+    ValueError for a configuration that is wrong."""
     failures: list[dict[str, str]] = []
     backends: dict[str, type[Backend]] = {}
     for found in discover():
@@ -74,45 +101,37 @@ def load_models(entries: list[dict[str, Any]] | None) -> tuple[list[LoadedModel]
         else:
             backends[found.name] = found.backend
     configs = model_configs(entries, backends)
+    limits = [model_limits(entry if entries else None, f"worker.models[{i}]", cancel_grace_s)
+              for i, entry in enumerate(entries or [None] * len(configs))]
     loaded: list[LoadedModel] = []
-    lock = threading.Lock()
 
-    def load_one(cfg: ModelConfig) -> None:
+    async def start_one(cfg: ModelConfig, lim: BackendLimits) -> None:
         cls = backends.get(cfg.backend)
         if cls is None:
             reason = f"no backend named '{cfg.backend}' is installed (known: {', '.join(sorted(backends)) or 'none'})"
         else:
             reason = cls.unavailable_reason()
-        if reason:
+        if reason or cls is None:
             log.error("model %s not loaded: %s", cfg.name, reason)
-            with lock:
-                failures.append({"backend": cfg.backend, "model": cfg.name, "reason": reason})
+            failures.append({"backend": cfg.backend, "model": cfg.name, "reason": str(reason)})
             return
         started = time.perf_counter()
         size = ""
-        if cfg.path and os.path.exists(cfg.path) and os.path.isfile(cfg.path):
+        if cfg.path and os.path.isfile(cfg.path):
             size = f", {os.path.getsize(cfg.path) / 1e6:.0f} MB"
         log.info("loading model %s (%s%s) from %s", cfg.name, cfg.backend, size, cfg.path or "embedded defaults")
-        try:
-            backend = cls(cfg)
-            meta = backend.load() or {}
-        except Exception as exc:  # a model that fails to load must not take the worker down
-            log.error("model %s (%s) failed to load: %s: %s", cfg.name, cfg.backend, type(exc).__name__, exc)
-            with lock:
-                failures.append({"backend": cfg.backend, "model": cfg.name, "reason": f"{type(exc).__name__}: {exc}"})
+        process = BackendProcess(cfg, cls, events, lim, log_level=log_level, log_json=log_json, threads=threads)
+        reason = await process.start()
+        if reason is not None:
+            log.error("model %s (%s) failed to load: %s", cfg.name, cfg.backend, reason)
+            failures.append({"backend": cfg.backend, "model": cfg.name, "reason": reason})
+            await process.stop()
             return
-        ops = [op for op in (meta.get("operations") or cls.operations)]
-        model = LoadedModel(cfg, backend, meta, ops, cls.kind)
-        log.info("model %s ready in %.1fs (%s, %d slot(s))", cfg.name, time.perf_counter() - started,
-                 ", ".join(ops), cfg.slots)
-        with lock:
-            loaded.append(model)
+        log.info("model %s ready in %.1fs (%s, %d slot(s), backend process %s)", cfg.name,
+                 time.perf_counter() - started, ", ".join(process.operations), cfg.slots, process.pid)
+        loaded.append(LoadedModel(cfg, process, cls.kind))
 
-    threads = [threading.Thread(target=load_one, args=(cfg,), name=f"load-{cfg.name}") for cfg in configs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    await asyncio.gather(*(start_one(cfg, lim) for cfg, lim in zip(configs, limits)))
     loaded.sort(key=lambda m: m.config.name)
     return loaded, failures
 

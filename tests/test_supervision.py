@@ -1,0 +1,144 @@
+"""A worker survives its backends: each model runs in a backend process the worker supervises. Real router,
+worker and backend processes; the benchmark backend's SIMULATED FAULTS (options.faults, backends/benchmark.py)
+stand in for a native backend that aborts, segfaults, allocates without end or hangs."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+
+from conftest import SMOLLM2
+
+FAULTY = {"name": "faulty", "backend": "benchmark", "slots": 1, "options": {"faults": True, "reply": "fine"}}
+
+
+def backend_of(router, worker: str, model: str) -> dict[str, Any]:
+    for w in router.health()["workers"]:
+        if w["id"] == worker:
+            for m in w["models"]:
+                if m["name"] == model:
+                    return m.get("backend_process") or {}
+    return {}
+
+
+def wait_backend(router, worker: str, model: str, predicate, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    state: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        state = backend_of(router, worker, model)
+        if state and predicate(state):
+            return state
+        time.sleep(0.1)
+    raise AssertionError(f"backend of {model} on {worker} never reached the expected state: {state}")
+
+
+def crashes(router, workers: list[str], model: str) -> int:
+    return sum(backend_of(router, w, model).get("crashes", 0) for w in workers)
+
+
+def complete(router, prompt: str, model: str = "faulty", **extra: Any):
+    return router.post("/completion", {"prompt": prompt, "max_tokens": 4, "model": model, **extra}, timeout=120)
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_a_poison_job_crashes_at_most_the_configured_number_of_backends(start_router, start_worker, limit):
+    router = start_router({"job_crash_limit": limit})
+    names = [f"poison{limit}-{i}" for i in range(3)]
+    procs = [start_worker(router, name, [FAULTY]) for name in names]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        poison = pool.submit(complete, router, "[[abort]] take them all down")
+        fine = [pool.submit(complete, router, f"hello {i}") for i in range(12)]
+        r = poison.result()
+        answers = [f.result() for f in fine]
+    assert r.status_code == 500, r.text
+    error = r.json()["error"]
+    assert error["code"] == "job_crashed_backend"
+    assert "crashed the backend" in error["message"] and "not retried" in error["message"]
+    # Unmarked jobs kept flowing, around and after the crash.
+    assert [a.status_code for a in answers] == [200] * 12, [a.text for a in answers if a.status_code != 200]
+    assert all(a.json()["choices"][0]["text"] == "fine" for a in answers), answers[0].text
+    # Exactly `limit` backend processes died, every worker process lived on and is registered.
+    wait_backend(router, names[0], "faulty", lambda b: True)
+    deadline = time.monotonic() + 30
+    while crashes(router, names, "faulty") < limit and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # a crash beyond the limit would show by now: the job was already answered
+    assert crashes(router, names, "faulty") == limit
+    assert all(p.alive() for p in procs)
+    router.wait_workers(set(names))
+    for name in names:
+        wait_backend(router, name, "faulty", lambda b: b["state"] == "ready")
+    assert complete(router, "after").status_code == 200
+    # The crash is logged with the request id and a digest of the parameters, never the prompt.
+    job_id = r.headers["X-Request-Id"]
+    log = router.proc.wait_for_log("crashed the backend")
+    lines = [line for line in log.splitlines() if job_id in line and "crashed the backend" in line]
+    assert lines and "sha256:" in lines[0] and "take them all down" not in log
+
+
+def test_a_backend_killed_mid_job_is_restarted_and_the_worker_stays(start_router, start_worker):
+    router = start_router()
+    slow = {**FAULTY, "name": "slow", "options": {"delay_ms": 4000}}
+    proc = start_worker(router, "victim", [slow])
+    before = wait_backend(router, "victim", "slow", lambda b: b["state"] == "ready")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(complete, router, "hello", model="slow")
+        deadline = time.monotonic() + 30
+        while not router.get("/queue/status").json()["running_jobs"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(before["pid"], signal.SIGKILL)
+        r = running.result()
+    # Killed alone in its backend: the job ends with one clear error (not a hang, not a lost worker).
+    assert r.status_code == 500 and r.json()["error"]["code"] == "job_crashed_backend", r.text
+    assert "SIGKILL" in r.json()["error"]["message"]
+    after = wait_backend(router, "victim", "slow", lambda b: b["state"] == "ready" and b["restarts"] == 1,
+                         timeout=30)
+    assert after["pid"] != before["pid"] and after["crashes"] == 1 and "SIGKILL" in after["last_crash"]
+    assert proc.alive()
+    assert complete(router, "again", model="slow").status_code == 200
+    metrics = router.get("/metrics").text
+    assert 'velesio_backend_restarts{model="slow",worker="victim"} 1.0' in metrics
+    assert 'velesio_backend_crashes_total{model="slow",worker="victim"} 1.0' in metrics
+
+
+def test_a_runaway_allocation_ends_its_own_backend_process(start_router, start_worker):
+    router = start_router()
+    proc = start_worker(router, "hoarder", [{**FAULTY, "max_memory_mb": 400}])
+    r = complete(router, "[[allocate]]")
+    assert r.status_code == 500 and r.json()["error"]["code"] == "job_crashed_backend", r.text
+    assert "memory ceiling" in r.json()["error"]["message"]
+    assert proc.alive()
+    wait_backend(router, "hoarder", "faulty", lambda b: b["state"] == "ready" and b["restarts"] == 1)
+    assert complete(router, "small").status_code == 200
+
+
+def test_a_job_stuck_in_native_code_ends_at_max_job_s(start_router, start_worker):
+    router = start_router()
+    proc = start_worker(router, "stuck", [{**FAULTY, "max_job_s": 1.5}],
+                        worker_cfg={"cancel_grace_s": 1.0})
+    started = time.monotonic()
+    r = complete(router, "[[hang]]")
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
+    assert "max_job_s" in r.json()["error"]["message"]
+    assert time.monotonic() - started < 30
+    assert proc.alive()
+    wait_backend(router, "stuck", "faulty", lambda b: b["state"] == "ready" and b["restarts"] == 1)
+    assert complete(router, "next").status_code == 200
+
+
+def test_a_worker_survives_a_text_backend_abort(start_router, start_worker):
+    """The real llama.cpp backend, killed with SIGABRT as an uncaught C++ exception would: the worker stays
+    registered and serves again once the backend process is back."""
+    router = start_router()
+    proc = start_worker(router, "llm", [SMOLLM2])
+    before = wait_backend(router, "llm", SMOLLM2["name"], lambda b: b["state"] == "ready")
+    os.kill(before["pid"], signal.SIGABRT)
+    wait_backend(router, "llm", SMOLLM2["name"], lambda b: b["restarts"] == 1 and b["state"] == "ready")
+    r = router.post("/completion", {"prompt": "Hello", "n_predict": 4})
+    assert r.status_code == 200 and r.json()["tokens_predicted"] >= 1, r.text
+    assert proc.alive()
