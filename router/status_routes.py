@@ -20,17 +20,20 @@ async def health(request: web.Request) -> web.Response:
     workers = list(scheduler.workers.values())
     kinds = {kind for w in workers for kind in w.kinds}
     failures = [{"worker": w.name, **f} for w in workers for f in w.caps.get("failures") or []]
+    restarting = [{"worker": w.name, "model": m} for w in workers for m in w.models if not w.available(m)]
     text_ready = "ready" if "text" in kinds else "unavailable"
     image_ready = "ready" if "image" in kinds else "unavailable"
     body = {
-        # degraded: no worker, no model, or some backend/model failed to load (see "failures")
-        "status": "healthy" if kinds and not failures else "degraded",
+        # degraded: no worker, no model, some backend/model failed to load (see "failures"), or some model's
+        # backend process is restarting after a crash (see "restarting")
+        "status": "healthy" if kinds and not failures and not restarting else "degraded",
         "timestamp": _now(),
         "version": __version__,
         "services": {"mesh": "listening" if scheduler.accepting else "draining",
                      "llm_worker": text_ready, "sd_worker": image_ready},
         "workers": [w.summary() for w in workers],
         "failures": failures,
+        "restarting": restarting,
     }
     return web.json_response(body)
 

@@ -142,3 +142,14 @@ def test_a_worker_survives_a_text_backend_abort(start_router, start_worker):
     r = router.post("/completion", {"prompt": "Hello", "n_predict": 4})
     assert r.status_code == 200 and r.json()["tokens_predicted"] >= 1, r.text
     assert proc.alive()
+
+
+def test_a_large_result_crosses_the_pipe_whole(start_router, start_worker):
+    """A result far larger than the socket buffer between worker and backend process (images are) arrives
+    whole, while the backend process's event loop watches the same socket."""
+    router = start_router()
+    big = "x" * (8 << 20)
+    start_worker(router, "big", [{**FAULTY, "name": "big", "options": {"reply": big}}])
+    r = router.post("/completion", {"prompt": "hi", "max_tokens": 1, "model": "big"})
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["choices"][0]["text"] == big

@@ -9,6 +9,8 @@ pipe already batched by the backend process's PARTIAL window."""
 
 from __future__ import annotations
 
+import os
+import select
 import socket
 import threading
 from typing import Any
@@ -42,13 +44,21 @@ def unpacker() -> msgpack.Unpacker:
 
 
 class BlockingPipe:
-    """The backend process's end: messages are sent whole from any thread (job threads, the reader)."""
+    """The backend process's end: messages are sent whole from any thread (job threads, the reader), each
+    send waiting while the pipe is full. The event loop that reads the socket makes it non-blocking (libuv
+    does for any descriptor it watches), so a full pipe is waited out here rather than by ``sendall``."""
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self._lock = threading.Lock()
 
     def send(self, message: list[Any]) -> None:
-        data = pack(message)
+        data = memoryview(pack(message))
         with self._lock:
-            self.sock.sendall(data)
+            while data:
+                try:
+                    data = data[self.sock.send(data):]
+                except BlockingIOError:
+                    select.select([], [self.sock], [])
+                except OSError:  # the worker is gone: so is the reason to go on
+                    os._exit(0)

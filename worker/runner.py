@@ -218,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-json", action="store_true")
     args = p.parse_args(argv)
     setup_logging(args.log_level, json_lines=args.log_json)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which stops this process
+    # Ctrl-C, or a service manager stopping the whole group, reaches the worker, which drains and then stops
+    # this process itself (or the kernel does, when the worker is gone).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
     _first_to_go()
     sock = socket.socket(fileno=args.fd)
