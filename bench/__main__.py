@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("scenarios", nargs="*", metavar="SCENARIO",
                    help=f"scenarios to run, of {', '.join(SCENARIOS)} (default: all)")
-    p.add_argument("--quick", action="store_true", help="a short smoke run (about a minute and a half)")
+    p.add_argument("--quick", action="store_true", help="a short smoke run (about three minutes)")
     p.add_argument("--duration", type=float, help="seconds measured per point (default 3, quick 1.5)")
     p.add_argument("--concurrency", type=_ints, help="router overhead concurrencies (default 1,16,64,256)")
     p.add_argument("--rounds", type=int, help="router overhead: measurements per point, medians reported "
@@ -39,6 +39,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--idle-streams", type=int, help="open streams for the memory scenario (default 1000)")
     p.add_argument("--e2e-reps", type=int, help="rounds of the end-to-end scenario (default 12)")
     p.add_argument("--e2e-threads", type=int, help="llama.cpp threads in the end-to-end scenario (default 2)")
+    p.add_argument("--two-requests", type=int, help="two workers per host: requests per reply length, shared by "
+                                                    "the clients (default 32, quick 16)")
+    p.add_argument("--two-clients", type=int, help="two workers per host: concurrent clients (default 16)")
+    p.add_argument("--two-deadline", type=float, help="two workers per host: seconds a loaded phase may last; "
+                                                      "requests still open then are unanswered (default 45)")
+    p.add_argument("--two-threads", type=int, help="two workers per host: give (b)'s models this many threads "
+                                                   "through options.n_threads instead of the worker's share")
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default=event_loop.name(),
                    help="event loop of the router and workers (default: uvloop when installed, as they run "
                         "by default; asyncio sets VELESIO_LOOP=asyncio for them)")
@@ -63,7 +70,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
                        ("stream_tokens", "stream_tokens"),
                        ("streams", "stream_concurrencies"), ("workers", "scaling_workers"),
                        ("idle_streams", "idle_streams"), ("e2e_reps", "e2e_reps"),
-                       ("e2e_threads", "e2e_threads")):
+                       ("e2e_threads", "e2e_threads"), ("two_requests", "two_requests"),
+                       ("two_clients", "two_clients"), ("two_deadline", "two_deadline_s"),
+                       ("two_threads", "two_threads")):
         if getattr(args, arg) is not None:
             setattr(s, field, getattr(args, arg))
     s.floor = not args.no_floor

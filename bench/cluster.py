@@ -82,10 +82,12 @@ class Proc:
 class Cluster:
     """One router and any number of workers. Use as a context manager: everything stops on exit."""
 
-    def __init__(self, workdir: Path, *, loop: str = "uvloop", router_cfg: dict[str, Any] | None = None):
+    def __init__(self, workdir: Path, *, loop: str = "uvloop", router_cfg: dict[str, Any] | None = None,
+                 worker_env: dict[str, str] | None = None):
         self.workdir = workdir
         self.loop = loop
         self.router_cfg = {**ROUTER_CONFIG, **(router_cfg or {})}
+        self.worker_env = worker_env or {}
         self.router: Proc | None = None
         self.workers: dict[str, Proc] = {}
         self.port = 0
@@ -119,7 +121,8 @@ class Cluster:
             cfg = self._path(f"worker-{name}", ".yaml")
             cfg.write_text(yaml.safe_dump({"worker": {"models": models}}))
             args = [str(BIN / "velesio-worker"), "--router", self.mesh, "--config", str(cfg), "--name", name]
-            self.workers[name] = Proc(args, self._path(f"worker-{name}", ".log"), env={"VELESIO_LOOP": self.loop})
+            self.workers[name] = Proc(args, self._path(f"worker-{name}", ".log"),
+                                      env={"VELESIO_LOOP": self.loop, **self.worker_env})
         want = set(self.workers)
         self.wait_for(lambda h: want <= {w["id"] for w in h["workers"]}, wait)
 

@@ -35,6 +35,13 @@ class Settings:
     scaling_workers: tuple[int, ...] = (1, 2, 4, 8)
     scaling_delay_ms: int = 50
     idle_streams: int = 1000
+    # two workers per host (bench/twoworkers.py)
+    two_clients: int = 16
+    two_requests: int = 32  # per loaded phase, shared by the clients
+    two_idle: int = 5  # requests one client sends alone: the idle latency
+    two_max_tokens: tuple[int, ...] = (16, 64)
+    two_deadline_s: float = 45.0  # a loaded phase ends here; requests still open count as unanswered
+    two_threads: int | None = None  # (b): n_threads given through options instead of the worker's share
     loop: str = "uvloop"  # the router's and workers' event loop (VELESIO_LOOP): uvloop or asyncio
     profile: bool = False  # py-spy the router during scenarios 1 and 2
     client: str = "wrk"  # scenario 1's load generator: wrk (when installed) or python (bench/loadgen.py)
@@ -43,7 +50,8 @@ class Settings:
     @classmethod
     def quick(cls, **kw: Any) -> "Settings":
         return cls(duration=1.5, warmup=0.5, rounds=1, stream_tokens=500, stream_rounds=1, e2e_reps=2,
-                   scaling_workers=(1, 2, 4), scaling_delay_ms=50, idle_streams=200, **kw)
+                   scaling_workers=(1, 2, 4), scaling_delay_ms=50, idle_streams=200, two_requests=16, two_idle=3,
+                   two_deadline_s=20.0, **kw)
 
 
 Log = Callable[[str], None]

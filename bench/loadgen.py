@@ -11,6 +11,9 @@ Modes:
   open (its connection warm) until EOF; the end-to-end scenario drives it turn about with other systems.
 - ``hold``: opens ``count`` streams, prints ``READY <open>`` once their headers came, holds them until a
   line (or EOF) arrives on stdin, then closes them.
+- ``batch``: ``total`` requests shared by ``concurrency`` clients in a closed loop, ended at ``deadline``
+  seconds (requests still open then are cancelled: unanswered); per request its latency, HTTP status and
+  ``usage.completion_tokens``.
 """
 
 from __future__ import annotations
@@ -227,8 +230,46 @@ async def run_framing(spec: dict[str, Any]) -> dict[str, Any]:
     return {"chunks_one_event": sum(r["good"] for r in results), "chunks_other": sum(r["bad"] for r in results)}
 
 
+async def run_batch(spec: dict[str, Any]) -> dict[str, Any]:
+    url, headers = spec["url"], spec.get("headers") or {}
+    data = json.dumps(spec["body"]).encode()
+    total, concurrency, deadline = int(spec["total"]), int(spec["concurrency"]), float(spec["deadline"])
+    done: list[dict[str, Any]] = []
+    issued = 0
+    async with _session(concurrency) as session:
+        perf = time.perf_counter
+        start = perf()
+
+        async def client() -> None:
+            nonlocal issued
+            while issued < total:
+                issued += 1
+                t0 = perf()
+                tokens = None
+                try:
+                    async with session.post(url, data=data, headers=headers) as r:
+                        body = await r.read()
+                        status = r.status
+                    if status == 200:
+                        tokens = (json.loads(body).get("usage") or {}).get("completion_tokens")
+                    error = None if status == 200 else f"HTTP {status}: {body[:200]!r}"
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+                    status, error = 0, f"{type(exc).__name__}: {exc}"
+                done.append({"start": t0 - start, "latency": perf() - t0, "status": status, "tokens": tokens,
+                             "error": error})
+
+        tasks = [asyncio.ensure_future(client()) for _ in range(concurrency)]
+        _, pending = await asyncio.wait(tasks, timeout=deadline)
+        for task in pending:  # the deadline: what is still open is cancelled and counted as unanswered
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        wall = perf() - start
+    return {"total": total, "issued": issued, "answered": len(done), "unanswered": issued - len(done),
+            "deadline_hit": bool(pending), "wall_s": min(wall, deadline) if pending else wall, "requests": done}
+
+
 MODES = {"requests": run_requests, "streams": run_streams, "each": run_each, "hold": run_hold,
-         "framing": run_framing}
+         "framing": run_framing, "batch": run_batch}
 
 
 def main(argv: list[str]) -> int:

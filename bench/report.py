@@ -6,6 +6,8 @@ import math
 from typing import Any
 
 from .machine import summary_line
+from .twoworkers import SHORT as TWO_WORKER_SYSTEMS
+from .twoworkers import checks as two_worker_checks
 
 # The issue's targets for a 2-core machine.
 TARGETS = {
@@ -16,6 +18,8 @@ TARGETS = {
     "e2e_ratio": 0.97,
     "scaling_efficiency": 0.9,
     "idle_rss_mb": 150,
+    "two_workers_rps_ratio": 1.0,  # (b) two workers on one host ÷ (a) one worker
+    "two_workers_max_over_idle": 10,  # (b)'s slowest request ÷ its idle latency
 }
 
 
@@ -65,6 +69,9 @@ def checks(results: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
         last = scale["rows"][-1]
         out.append((f"scaling: speedup at {last['workers']} workers", f"≥ {TARGETS['scaling_efficiency']} × "
                     f"{last['workers']}", _f(last["speedup"], 2), last["efficiency"] >= TARGETS["scaling_efficiency"]))
+    two = sc.get("two-workers") or {}
+    if two.get("rows"):
+        out += two_worker_checks(two, TARGETS["two_workers_max_over_idle"])
     mem = sc.get("memory") or {}
     if mem.get("opened"):
         out.append((f"router RSS with {mem['opened']:,} idle streams", f"≤ {TARGETS['idle_rss_mb']} MB",
@@ -149,6 +156,24 @@ def markdown(results: dict[str, Any]) -> str:
         lines += _table(["idle MB", f"{mm['opened']:,} streams MB", "KB per stream", "after MB"],
                         [[_f(mm["rss_idle_mb"], 1), _f(mm["rss_open_mb"], 1), _f(mm["kb_per_stream"], 1),
                           _f(mm["rss_after_mb"], 1)]]) + [""]
+    if "two-workers" in sc:
+        t = sc["two-workers"]
+        if "skipped" in t:
+            lines += [f"**6. Two workers per host** — skipped: {t['skipped']}", ""]
+        else:
+            lines += [f"**6. Two workers per host** — {t['model']} (1 slot per worker) on {t['cores']} cores: (a) "
+                      "one worker, (b) two workers with their default threads, (c) two workers with every core "
+                      f"each; {t['clients']} clients share {t['requests']} chat completions per reply length "
+                      f"(a phase ends after {t['deadline_s']:g} s: what is still open is unanswered); idle: one "
+                      f"client alone, p50 of {t['idle_requests']}.", ""]
+            rows = [[f"({TWO_WORKER_SYSTEMS.get(r['system'], '?')}) {r['system']}", r["threads"], str(r["max_tokens"]),
+                     f"{r['ok']} / {r['requests']}", _f(r["rps"], 2), _f(r["tokens_per_s"]), _f(r["p50_ms"]),
+                     _f(r["p99_ms"]), _f(r["max_ms"]), _f(r["idle_p50_ms"]),
+                     "–" if r["max_over_idle"] is None else _f(r["max_over_idle"], 1),
+                     " / ".join(map(str, r["jobs_per_worker"]))] for r in t["rows"]]
+            lines += _table(["system", "threads per worker", "max_tokens", "answered", "req/s", "tokens/s",
+                             "p50 ms", "p99 ms", "max ms", "idle p50 ms", "max ÷ idle", "jobs per worker"],
+                            rows) + [""]
     ck = checks(results)
     if ck:
         lines += ["**Targets** (for a 2-core machine)", ""]

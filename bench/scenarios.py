@@ -1,5 +1,6 @@
-"""The five scenarios, by name. Each starts its own processes, measures, stops them, and returns plain data.
-Router overhead is in bench/overhead.py and end to end in bench/e2e.py."""
+"""The six scenarios, by name. Each starts its own processes, measures, stops them, and returns plain data.
+Router overhead is in bench/overhead.py, end to end in bench/e2e.py and two workers per host in
+bench/twoworkers.py."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .cluster import Cluster, CpuMeter, rss_mb
 from .common import ECHO, ROOT, Log, Profiler, Settings, loadgen, pct
 from .e2e import end_to_end
 from .overhead import overhead
+from .twoworkers import two_workers
 
 __all__ = ["SCENARIOS", "Settings"]
 
@@ -147,4 +149,5 @@ def memory(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
 
 
 SCENARIOS: dict[str, Callable[[Settings, Path, Log], dict[str, Any]]] = {
-    "overhead": overhead, "stream": stream_relay, "e2e": end_to_end, "scaling": scaling, "memory": memory}
+    "overhead": overhead, "stream": stream_relay, "e2e": end_to_end, "scaling": scaling, "memory": memory,
+    "two-workers": two_workers}

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 from pathlib import Path
@@ -18,6 +19,9 @@ import yaml
 
 TOKEN = "test-token"
 BIN = Path(sys.executable).parent
+# The workers a test run starts share a host registry of their own (worker/cpu.py), so that their CPU
+# shares do not depend on whatever else runs workers on this machine.
+os.environ.setdefault("VELESIO_RUNTIME_DIR", tempfile.mkdtemp(prefix="velesio-workers-"))
 
 
 def free_port() -> int:

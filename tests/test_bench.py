@@ -73,3 +73,29 @@ def test_end_to_end_ratio_pairs_the_runs_of_each_round():
     assert decode_rate(mesh[1], 10) is None
     assert paired_ratio(mesh, raw, 10) == pytest.approx(0.95)  # 0.95, 0.95, 0.99
     assert math.isnan(paired_ratio([run(100, ok=False)], [run(100)], 10))
+
+
+def test_two_workers_summary_and_targets():
+    """Throughput over the phase's wall time; the slowest request against the idle p50; an unanswered request
+    or a failed one leaves the latency unbounded, so the target fails."""
+    from bench.twoworkers import ONE, TWO, checks, summary
+
+    def batch(latencies, total=None, issued=None, wall=1.0, status=200):
+        reqs = [{"latency": x, "status": status, "tokens": 16, "error": None} for x in latencies]
+        n = total if total is not None else len(reqs)
+        sent = issued if issued is not None else n
+        return {"total": n, "issued": sent, "unanswered": sent - len(reqs), "wall_s": wall, "requests": reqs}
+
+    idle = batch([0.2, 0.2, 0.3])
+    row = summary(batch([0.5, 1.0, 1.9, 2.0], wall=2.0), idle)
+    assert row["ok"] == 4 and row["rps"] == 2.0 and row["tokens_per_s"] == 32.0
+    assert row["idle_p50_ms"] == pytest.approx(200) and row["max_over_idle"] == pytest.approx(10.0)
+    assert summary(batch([0.5], total=3, issued=2, wall=5.0), idle)["unanswered"] == 2  # cancelled, never sent
+    assert summary(batch([0.5], total=3, issued=2, wall=5.0), idle)["max_over_idle"] is None
+    assert summary(batch([0.5]), batch([0.2], status=503))["max_over_idle"] is None  # no idle latency
+
+    a = {"system": ONE, "max_tokens": 16, **summary(batch([1.0] * 4, wall=2.0), idle)}
+    b = {"system": TWO, "max_tokens": 16, **summary(batch([0.5, 2.1], wall=1.0), idle)}
+    (what, _, measured, met), (_, _, worst, bounded) = checks({"rows": [a, b]}, 10)
+    assert "16 tokens" in what and measured == "1.00" and met  # 2 req/s against 2 req/s
+    assert worst == "10.5" and not bounded

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import pytest
+import requests
 
 from conftest import SMOLLM2
 
@@ -153,3 +154,16 @@ def test_a_large_result_crosses_the_pipe_whole(start_router, start_worker):
     r = router.post("/completion", {"prompt": "hi", "max_tokens": 1, "model": "big"})
     assert r.status_code == 200, r.text[:300]
     assert r.json()["choices"][0]["text"] == big
+
+
+def test_a_client_leaving_a_job_stuck_in_native_code_frees_its_slot(start_router, start_worker):
+    """The client goes away; the job ignores the cancel (stuck in native code): after cancel_grace_s the
+    worker restarts the backend process, and the model serves again."""
+    router = start_router()
+    proc = start_worker(router, "leaver", [FAULTY], worker_cfg={"cancel_grace_s": 1.0})
+    with pytest.raises(requests.exceptions.Timeout):
+        router.post("/completion", {"prompt": "[[hang]]", "max_tokens": 4, "model": "faulty"}, timeout=2)
+    state = wait_backend(router, "leaver", "faulty", lambda b: b["restarts"] == 1 and b["state"] == "ready")
+    assert state["crashes"] == 0  # a restart for the stuck job's sake, not a crash
+    assert complete(router, "next").status_code == 200
+    assert proc.alive()

@@ -191,7 +191,7 @@ class Runner:
                 log.exception("closing the backend of %s failed", self.name)
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int | None) -> None:
     """Linux: the kernel kills this process when the worker dies, even if this process is stuck in native
     code and never reads the pipe's end."""
     try:
@@ -199,6 +199,8 @@ def _die_with_parent() -> None:
         libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if parent is not None and os.getppid() != parent:  # the worker died before the line above
+        os._exit(0)
 
 
 def _first_to_go() -> None:
@@ -214,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="velesio-worker backend process")
     p.add_argument("--fd", type=int, required=True)
     p.add_argument("--name", default="backend")
+    p.add_argument("--parent", type=int, help="the worker's pid")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-json", action="store_true")
     args = p.parse_args(argv)
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     # this process itself (or the kernel does, when the worker is gone).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent()
+    _die_with_parent(args.parent)
     _first_to_go()
     sock = socket.socket(fileno=args.fd)
     sock.setblocking(True)

@@ -193,7 +193,7 @@ class BackendProcess:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         args = [sys.executable, "-m", "velesio.worker.runner", "--fd", str(theirs.fileno()),
-                "--name", self.name, "--log-level", self.log_level] + (["--log-json"] if self.log_json else [])
+                "--name", self.name, "--parent", str(os.getpid()), "--log-level", self.log_level] + (["--log-json"] if self.log_json else [])
         # ggml's crash handler otherwise holds a dying process for seconds while it looks for a debugger.
         env = {**os.environ, "GGML_NO_BACKTRACE": "1"}
         try:
