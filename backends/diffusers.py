@@ -35,7 +35,7 @@ from velesio.backends import (
 )
 from velesio.backends import samplers as _samplers
 from velesio.backends import tiny_sd
-from velesio.mesh.jobs import IMAGE_LIMITS, Job
+from velesio.mesh.jobs import IMAGE_LIMITS, Job, image_cost, img2img_steps
 
 from .sd_files import detect_sdxl_file, detect_sdxl_folder, model_hash
 
@@ -50,6 +50,14 @@ _DTYPES = {
     "bfloat16": "bfloat16", "bf16": "bfloat16",
     "float32": "float32", "fp32": "float32", "float": "float32", "full": "float32",
 }
+
+# Bounds on the request numbers that size work outside IMAGE_LIMITS (the router's A1111 dialect has the same).
+MAX_INIT_IMAGES = 64
+MAX_IMAGE_SIDE = 8192  # an init image or mask, checked from its header before it is decoded
+MAX_MASK_BLUR = 256
+MAX_CLIP_SKIP = 12
+MAX_ETA = 10.0
+
 
 class _Abort(Exception):
     """Raised inside the step callback to stop a cancelled job at once."""
@@ -77,8 +85,11 @@ def _decode_image(data: Any, what: str) -> Any:
         raise InvalidRequest(f"{what}: not a decodable image")
     try:
         img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if not (1 <= w <= MAX_IMAGE_SIDE and 1 <= h <= MAX_IMAGE_SIDE):
+            raise InvalidRequest(f"{what}: image size {w}x{h} is outside 1..{MAX_IMAGE_SIDE} pixels per side")
         img.load()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
         raise InvalidRequest(f"{what}: not a decodable image") from None
     return img
 
@@ -129,7 +140,8 @@ class DiffusersBackend(Backend):
         self.device = "cpu"
         self.dtype_name = "float32"
         self.limits = dict(IMAGE_LIMITS)
-        self.threads: int | None = None
+        self.threads: int | None = None  # torch CPU threads while a job runs; None: torch's default
+        self._threads_fixed = False  # by the options (or the tiny model's 1): set_threads leaves it
         self.meta: dict[str, Any] = {}
         self.load_notes: list[str] = []
 
@@ -179,8 +191,13 @@ class DiffusersBackend(Backend):
         self._torch = torch
         opts = dict(self.config.options or {})
         for key in IMAGE_LIMITS:
-            if key in opts:
+            if opts.get(key) is not None:
                 self.limits[key] = int(opts[key])
+                if self.limits[key] < 1:
+                    raise ValueError(f"options.{key} must be a positive integer, got {opts[key]!r}")
+        if opts.get("max_pixel_steps") is None:
+            # One image of the largest size at the most steps, whatever those limits were set to.
+            self.limits["max_pixel_steps"] = self.limits["max_pixels"] * self.limits["max_steps"]
         device, dtype = self._pick_device(opts)
         self.device, self.dtype_name = device, str(dtype).replace("torch.", "")
         tiny_sd.disable_progress_bars()
@@ -193,11 +210,14 @@ class DiffusersBackend(Backend):
             common["variant"] = str(opts["variant"])
         wanted = str(opts.get("pipeline") or "").lower()
         if opts.get("threads"):
-            self.threads = max(1, int(opts["threads"]))
+            self.threads, self._threads_fixed = max(1, int(opts["threads"])), True
         elif embedded and device == "cpu":
             # The tiny model is too small to gain from intra-op threads, and torch's spinning worker threads
             # slow it down many times over on a busy host.
-            self.threads = 1
+            self.threads, self._threads_fixed = 1, True
+        else:
+            # The worker's share of the host's cores (a set_threads during loading already set it).
+            self.threads = self.threads or self.config.threads
         t0 = time.perf_counter()
         # Building pipelines is not thread-safe (meta-tensor initialisation), and a worker loads its models
         # in parallel threads: one pipeline at a time.
@@ -309,6 +329,11 @@ class DiffusersBackend(Backend):
             return f"cuda:{index} {torch.cuda.get_device_name(index)}"
         return self.device
 
+    def set_threads(self, n: int) -> None:
+        # From the next job on: run() sets torch's count as a job starts, and a running job keeps its own.
+        if not self._threads_fixed:
+            self.threads = max(1, int(n))
+
     def close(self) -> None:
         with self._lock:
             self._pipe = self._img2img = self._inpaint = None
@@ -318,6 +343,13 @@ class DiffusersBackend(Backend):
             torch.cuda.empty_cache()
 
     # ----------------------------------------------------------------- requests
+
+    def _schedule_cap(self, sampler: str) -> int:
+        """The longest noise schedule a job may use: max_steps, and for LCM its distillation schedule's length."""
+        if sampler == "LCM":
+            original = int(self._base_scheduler_config.get("original_inference_steps") or 50)  # LCMScheduler's default
+            return min(self.limits["max_steps"], original)
+        return self.limits["max_steps"]
 
     def _parse(self, job: Job) -> dict[str, Any]:
         p = job.params or {}
@@ -354,6 +386,10 @@ class DiffusersBackend(Backend):
         if schedule is None:
             raise InvalidRequest(f"unknown scheduler {p.get('scheduler')!r}; valid: "
                                  f"{', '.join(s['name'] for s in _samplers.SCHEDULERS)}")
+        if steps > self._schedule_cap(sampler):
+            # diffusers' LCMScheduler raises a ValueError mid-job beyond its distillation schedule
+            raise InvalidRequest(f"steps: sampler {sampler} runs at most {self._schedule_cap(sampler)} steps, "
+                                 f"got {steps}")
         seed = p.get("seed")
         seed = -1 if seed is None else _as_int(p, "seed", -1)
         if seed < 0:
@@ -366,22 +402,38 @@ class DiffusersBackend(Backend):
         negative = p.get("negative_prompt") or ""
         if not isinstance(prompt, str) or not isinstance(negative, str):
             raise InvalidRequest("prompt and negative_prompt must be strings")
+        clip_skip = None if p.get("clip_skip") is None else _as_int(p, "clip_skip", 1)
+        if clip_skip is not None and not 1 <= clip_skip <= MAX_CLIP_SKIP:
+            raise InvalidRequest(f"clip_skip must be between 1 and {MAX_CLIP_SKIP}, got {clip_skip}")
+        eta = None if p.get("eta") is None else _as_float(p, "eta", 0.0)
+        if eta is not None and not 0.0 <= eta <= MAX_ETA:
+            raise InvalidRequest(f"eta must be between 0 and {MAX_ETA}, got {eta}")
         req: dict[str, Any] = {
             "op": job.op, "prompt": prompt, "negative_prompt": negative, "width": width, "height": height,
             "steps": steps, "cfg_scale": cfg_scale, "sampler_name": sampler, "scheduler": schedule,
             "seed": seed, "subseed": subseed, "batch_size": batch_size, "n_iter": n_iter,
             "send_images": p.get("send_images", True) is not False, "notes": notes,
-            "eta": p.get("eta"), "clip_skip": p.get("clip_skip"),
+            "eta": eta, "clip_skip": clip_skip,
         }
         if job.op == "img2img":
             strength = _as_float(p, "denoising_strength", 0.75)
             if not 0.0 <= strength <= 1.0:
                 raise InvalidRequest(f"denoising_strength must be between 0 and 1, got {strength}")
+            req["denoising_strength"] = strength
+        # The whole job's cost (the router checked it too), before any image is decoded.
+        cost = image_cost(job.op, req, lim["max_steps"])
+        if cost > lim["max_pixel_steps"]:
+            raise InvalidRequest(f"max_pixel_steps: this job costs {cost} pixel-steps (width x height x steps x "
+                                 f"batch_size x n_iter), more than this model allows "
+                                 f"(max_pixel_steps {lim['max_pixel_steps']})")
+        if job.op == "img2img":
             raw = p.get("init_images")
             if not raw:
                 raise InvalidRequest("init_images: img2img needs at least one image")
             if not isinstance(raw, (list, tuple)):
                 raw = [raw]
+            if len(raw) > MAX_INIT_IMAGES:
+                raise InvalidRequest(f"init_images: at most {MAX_INIT_IMAGES} images")
             inits = []
             for k, data in enumerate(raw):
                 img = _decode_image(data, f"init_images[{k}]").convert("RGB")
@@ -398,9 +450,11 @@ class DiffusersBackend(Backend):
                 if _truthy(p.get("inpainting_mask_invert")):
                     mask = ImageOps.invert(mask)
                 blur = _as_int(p, "mask_blur", 0)
+                if not 0 <= blur <= MAX_MASK_BLUR:
+                    raise InvalidRequest(f"mask_blur must be between 0 and {MAX_MASK_BLUR}, got {blur}")
                 if blur > 0:
                     mask = mask.filter(ImageFilter.GaussianBlur(blur))
-            req.update(denoising_strength=strength, init_images=inits, mask=mask)
+            req.update(init_images=inits, mask=mask)
         return req
 
     def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
@@ -438,7 +492,11 @@ class DiffusersBackend(Backend):
         }
         if req["clip_skip"] is not None:
             clip_skip = int(req["clip_skip"])  # A1111 counts the last layer as 1; diffusers counts skipped ones
-            if clip_skip > 1 and hasattr(getattr(pipe, "text_encoder", None), "text_model"):
+            layers = getattr(getattr(getattr(pipe, "text_encoder", None), "config", None), "num_hidden_layers", 0)
+            if clip_skip > 1 and layers and clip_skip > layers:
+                # diffusers would index past the encoder's hidden states (an IndexError mid-job)
+                notes.append(f"clip_skip {clip_skip} is more than the text encoder's {layers} layers; ignored")
+            elif clip_skip > 1 and hasattr(getattr(pipe, "text_encoder", None), "text_model"):
                 call["clip_skip"] = clip_skip - 1
             elif clip_skip > 1:
                 # diffusers' clip_skip reads text_encoder.text_model, which newer transformers' CLIP lacks.
@@ -462,16 +520,20 @@ class DiffusersBackend(Backend):
                     pipe = self._img2img
             else:
                 pipe = self._img2img
-            if int(steps * strength) < 1:
-                n = math.ceil(1 / strength)
-                while int(n * strength) < 1:  # float rounding
-                    n += 1
-                call["num_inference_steps"] = n
-                notes.append(f"denoising_strength {strength:g} with {steps} steps runs no step; "
-                             f"used {call['num_inference_steps']} steps")
+            # diffusers runs the last int(n × strength) steps of an n-step schedule; a longer schedule makes one
+            # step of a small strength run, but its length is bounded by max_steps (mesh/jobs.py).
+            n, effective = img2img_steps(steps, strength, self._schedule_cap(req["sampler_name"]))
+            call["num_inference_steps"] = n
             call["strength"] = strength
-            n = call["num_inference_steps"]
-            effective = min(int(n * strength), n)
+            if int(n * strength) != effective:
+                # Below 1 / max_steps: one step of the max_steps schedule, the least noise it allows
+                # (any strength in [1/n, 2/n) runs that one step; the middle is safe from float rounding).
+                call["strength"] = (effective + 0.5) / n
+                notes.append(f"denoising_strength {strength:g} is below this model's smallest effective strength "
+                             f"1/{n}: used {n} steps, of which 1 runs, as at 1/{n}")
+            elif n != steps:
+                notes.append(f"denoising_strength {strength:g} with {steps} steps runs no step; used {n} steps, "
+                             "of which 1 runs")
             if "mask_image" in call:
                 call.update(width=req["width"], height=req["height"])
         else:

@@ -15,6 +15,7 @@ from velesio.backends import (Backend, Cancelled, ContextExceeded, InvalidReques
                               NotSupported)
 from velesio.backends.textutil import StopMatcher, template_name
 from velesio.mesh.jobs import TEXT_DEFAULTS, Job
+from velesio.worker.cpu import available_cores
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -29,10 +30,57 @@ def embedded_model_path() -> str | None:
     return path if os.path.isfile(path) else None
 
 
+def _option_threads(opts: dict[str, Any], key: str) -> int | None:
+    """A thread count the operator fixed in the model's options; None (or 0, or negative, as llama.cpp's
+    -1): not fixed."""
+    value = opts.get(key)
+    if value is None:
+        return None
+    n = int(value)
+    return n if n > 0 else None
+
+
 class LlamaCppBackend(Backend):
     name = "llama-cpp"
     kind = "text"
     operations = ("completion", "chat", "tokenize", "detokenize", "apply_template", "embeddings")
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self._llms: list[Any] = []  # every context of this model, busy or idle: set_threads reaches them all
+        self._threads_lock = threading.Lock()
+        self._share: int | None = None  # the worker's latest set_threads
+        self._fixed: tuple[int | None, int | None] = (None, None)  # options.n_threads, options.n_threads_batch
+        self.n_threads = self.n_threads_batch = 0
+
+    def _thread_counts(self) -> tuple[int, int]:
+        """(n_threads, n_threads_batch): what the options fix, else the worker's share, else every core
+        this process may use. The batch count follows an explicit n_threads, as llama.cpp's -tb follows -t."""
+        fixed, fixed_batch = self._fixed
+        share = self._share or self.config.threads or available_cores()
+        return fixed or share, fixed_batch or fixed or share
+
+    def _apply_threads(self) -> None:
+        """Give every context the current counts (with _threads_lock held). llama-cpp-python passes no
+        thread count per call: llama.cpp reads the context's own from its next decode on. The Llama
+        object's copies are kept in step for whatever reads them (its pickling does)."""
+        import llama_cpp
+
+        n_threads, n_batch = self._thread_counts()
+        if (n_threads, n_batch) == (self.n_threads, self.n_threads_batch):
+            return
+        for llm in self._llms:
+            llama_cpp.llama_set_n_threads(llm.ctx, n_threads, n_batch)
+            llm.n_threads, llm.n_threads_batch = n_threads, n_batch
+            llm.context_params.n_threads, llm.context_params.n_threads_batch = n_threads, n_batch
+        self.n_threads, self.n_threads_batch = n_threads, n_batch
+
+    def set_threads(self, n: int) -> None:
+        # A running job picks the new count up at its next token: a context's counts are two integers that
+        # llama.cpp reads when it starts a decode.
+        with self._threads_lock:
+            self._share = max(1, int(n))
+            self._apply_threads()
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -56,8 +104,11 @@ class LlamaCppBackend(Backend):
         path = self.config.path
         if not path or not os.path.isfile(path):
             raise FileNotFoundError(f"GGUF file not found: {path!r} (set 'path' of model {self.config.name})")
+        self._fixed = (_option_threads(opts, "n_threads"), _option_threads(opts, "n_threads_batch"))
+        with self._threads_lock:
+            n_threads, n_threads_batch = self._thread_counts()
         kwargs = dict(model_path=path, n_ctx=int(opts.get("n_ctx", 2048)),
-                      n_threads=opts.get("n_threads") or min(os.cpu_count() or 1, 8),
+                      n_threads=n_threads, n_threads_batch=n_threads_batch,
                       n_batch=int(opts.get("n_batch", 512)), n_gpu_layers=int(opts.get("n_gpu_layers", -1)),
                       verbose=bool(opts.get("verbose", False)))
         # One llama.cpp context per slot (they share the mmapped weights); a context is not thread-safe.
@@ -68,6 +119,10 @@ class LlamaCppBackend(Backend):
         self._embed_lock = threading.Lock()
         if opts.get("embeddings"):
             self._embedder = llama_cpp.Llama(**{**kwargs, "embedding": True})
+        with self._threads_lock:
+            self._llms = [*self._pool.queue, *([self._embedder] if self._embedder is not None else [])]
+            self.n_threads, self.n_threads_batch = n_threads, n_threads_batch
+            self._apply_threads()  # a set_threads that came while the contexts were being made
         for ctx in list(self._pool.queue):
             # Touch the weights once now, so the first request does not pay for paging the model in.
             ctx.eval([ctx.token_bos()])
@@ -89,7 +144,8 @@ class LlamaCppBackend(Backend):
                 "template": template_name(self.chat_template), "chat_template": self.chat_template or "",
                 "size": meta.get("general.size_label", ""), "type": "chat" if self.chat_template else "completion",
                 "model_path": path, "operations": ops, "device": "cuda" if kwargs["n_gpu_layers"] and
-                llama_cpp.llama_supports_gpu_offload() else "cpu"}
+                llama_cpp.llama_supports_gpu_offload() else "cpu",
+                "n_threads": self.n_threads, "n_threads_batch": self.n_threads_batch}
 
     # ---- jobs --------------------------------------------------------------------------------
     def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
@@ -147,8 +203,6 @@ class LlamaCppBackend(Backend):
 
     def _generate(self, llm, prompt: str, params: dict[str, Any], ctx: JobContext,
                   extra_stops: list[str] = ()) -> dict[str, Any]:
-        from llama_cpp import LlamaGrammar
-
         p = {**TEXT_DEFAULTS, **params}
         prompt = prompt + (p.get("resume_text") or "")
         t0 = time.perf_counter()
@@ -163,26 +217,19 @@ class LlamaCppBackend(Backend):
             return self._result("", "length", "limit", "", len(prompt_ids), 0, ms, 0.0)
         room = self.n_ctx - len(prompt_ids)
         limit = room if max_tokens < 0 else min(max_tokens, room)
-        grammar = None
-        try:
-            if p.get("grammar"):
-                grammar = LlamaGrammar.from_string(p["grammar"], verbose=False)
-            elif p.get("json_schema"):
-                grammar = LlamaGrammar.from_json_schema(json.dumps(p["json_schema"]), verbose=False)
-            if grammar is not None:
-                self._check_grammar(llm, grammar)
-        except Exception as exc:
-            raise InvalidRequest(f"{'grammar' if p.get('grammar') else 'json_schema'}: cannot be compiled: {exc}")
+        guard = self._grammar_guard(llm, p) if p.get("grammar") or p.get("json_schema") else None
         counter = {"n": 0, "first": None}
 
-        banned = self._eog if p["ignore_eos"] else []
+        banned = self._eog if p["ignore_eos"] and guard is None else []  # a guard applies ignore_eos itself
 
-        def count(_ids, scores):
-            # Called once per sampled token: counts tokens, times the first, and applies ignore_eos
-            # (llama-cpp-python drops its own logits_processor when logit_bias is also given).
+        def count(ids, scores):
+            # Called once per sampled token: counts tokens, times the first, applies the grammar and
+            # ignore_eos (llama-cpp-python drops its own logits_processor when logit_bias is also given).
             counter["n"] += 1
             if counter["first"] is None:
                 counter["first"] = time.perf_counter()
+            if guard is not None:
+                return guard(ids, scores)
             if banned:
                 scores[banned] = -float("inf")
             return scores
@@ -199,8 +246,7 @@ class LlamaCppBackend(Backend):
             frequency_penalty=float(p["frequency_penalty"]), presence_penalty=float(p["presence_penalty"]),
             repeat_penalty=float(p["repeat_penalty"]), seed=seed, stream=True,
             mirostat_mode=int(p["mirostat"]), mirostat_tau=float(p["mirostat_tau"]),
-            mirostat_eta=float(p["mirostat_eta"]), grammar=grammar,
-            logits_processor=[count])
+            mirostat_eta=float(p["mirostat_eta"]), logits_processor=[count])
         text_parts: list[str] = []
         finish = "length"
         try:
@@ -217,8 +263,14 @@ class LlamaCppBackend(Backend):
                     break
                 if choice.get("finish_reason"):
                     finish = choice["finish_reason"]
+                if guard is not None and guard.error:
+                    break
         finally:
             stream.close()
+            if guard is not None:
+                guard.close()
+        if guard is not None and guard.error:
+            raise InvalidRequest(guard.error)
         tail = matcher.flush()
         if tail:
             text_parts.append(tail)
@@ -229,17 +281,29 @@ class LlamaCppBackend(Backend):
         return self._result("".join(text_parts), finish, stop_type, matcher.stopped or "", len(prompt_ids),
                             counter["n"], (first - t0) * 1000, (end - first) * 1000, seed=seed)
 
-    @staticmethod
-    def _check_grammar(llm, grammar) -> None:
-        """llama.cpp only parses a GBNF grammar when sampling starts, and a NULL sampler from a bad grammar
-        takes the process down there; build the sampler once here and refuse the grammar instead."""
-        import llama_cpp
+    def _grammar_guard(self, llm, p: dict[str, Any]):
+        """The request's grammar (or JSON schema) as a GrammarGuard, checked once against the whole vocabulary.
 
-        vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
-        sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar._grammar.encode(), b"root")
-        if not sampler:
-            raise ValueError("llama.cpp could not parse it")
-        llama_cpp.llama_sampler_free(sampler)
+        The grammar never enters llama-cpp-python's sampler chain, where llama.cpp accepts each chosen token
+        natively and aborts the process on one the grammar does not allow (backends/grammar_guard.py).
+        400 for a grammar llama.cpp cannot parse, and for one that no text can satisfy from the start."""
+        from llama_cpp import LlamaGrammar
+
+        from velesio.backends.grammar_guard import GrammarGuard
+
+        field = "grammar" if p.get("grammar") else "json_schema"
+        try:
+            text = p["grammar"] if field == "grammar" else \
+                LlamaGrammar.from_json_schema(json.dumps(p["json_schema"]), verbose=False)._grammar
+            guard = GrammarGuard(llm._model.model, text, field, self._eog, llm.token_eos(), bool(p["ignore_eos"]))
+        except Exception as exc:
+            raise InvalidRequest(f"{field}: cannot be compiled: {exc}") from None
+        try:
+            guard.check_start()
+        except ValueError as exc:
+            guard.close()
+            raise InvalidRequest(str(exc)) from None
+        return guard
 
     def _evaluate_only(self, llm, ids: list[int]) -> None:
         """n_predict 0: bring the prompt into the context (prompt cache) and generate nothing."""
@@ -260,6 +324,8 @@ class LlamaCppBackend(Backend):
                             "predicted_n": predicted_n, "predicted_ms": round(predicted_ms, 3)}}
 
     def close(self) -> None:
+        with self._threads_lock:
+            self._llms = []
         while not self._pool.empty():
             self._pool.get().close()
         if self._embedder is not None:

@@ -4,6 +4,7 @@ the mesh and the backends see nothing else."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -78,4 +79,37 @@ IMAGE_LIMITS: dict[str, int] = {
     "max_steps": 150,
     "max_batch": 8,
     "max_iter": 100,
+    # What one job may cost, in pixel-steps: width × height × steps × batch_size × n_iter (img2img: the steps
+    # it really runs). Each limit above alone still admits a job that holds a slot for a day (1024² × 150
+    # steps × 8 × 100 is about 19 hours on a CPU); this admits one max-size image at max steps.
+    "max_pixel_steps": 1024 * 1024 * 150,
 }
+
+
+def img2img_steps(steps: int, strength: float, max_steps: int) -> tuple[int, int]:
+    """(length of the noise schedule, steps run) of an img2img job of ``steps`` at ``denoising_strength``.
+
+    diffusers runs the last ``int(schedule × strength)`` steps of the schedule. When ``steps × strength`` is
+    below one, the schedule grows until one step runs, at a noise level near ``strength`` (A1111 runs one
+    step of little noise too), but never beyond ``max_steps``: below ``1 / max_steps`` the job runs one
+    step of a ``max_steps`` schedule, the least noise the model's limit allows. Strength 0 runs nothing."""
+    if not strength > 0:
+        return steps, 0
+    run = min(int(steps * strength), steps)
+    if run >= 1:
+        return steps, run
+    top = max(steps, max_steps)
+    if strength * top < 1:
+        return top, 1
+    n = max(steps, math.ceil(1 / strength))
+    while n < top and int(n * strength) < 1:  # float rounding of 1 / strength
+        n += 1
+    return n, 1
+
+
+def image_cost(op: str, params: dict[str, Any], max_steps: int) -> int:
+    """A txt2img / img2img job's pixel-steps (see ``max_pixel_steps``), from its normalised params."""
+    steps = int(params["steps"])
+    if op == "img2img":
+        steps = img2img_steps(steps, float(params.get("denoising_strength", 0.75)), max_steps)[1]
+    return int(params["width"]) * int(params["height"]) * steps * int(params["batch_size"]) * int(params["n_iter"])

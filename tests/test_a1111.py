@@ -442,7 +442,8 @@ def test_interrupt_returns_what_is_done(sd):
 
 
 def test_client_disconnect_cancels_the_job(sd):
-    body = json.dumps({**LONG, "n_iter": 20, "seed": 31}).encode()  # far longer than the deadline below
+    # far longer than the deadline below, and within the default max_pixel_steps (256² × 150 × 15)
+    body = json.dumps({**LONG, "n_iter": 15, "seed": 31}).encode()
     sock = socket.create_connection(("127.0.0.1", sd.port), timeout=10)
     sock.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
@@ -476,16 +477,16 @@ def test_two_image_workers_run_in_parallel(sd):
 
 
 def test_text_is_not_blocked_by_an_image_job(sd):
-    job = Background(generate, sd, "txt2img", {**LONG, "n_iter": 50, "seed": 41})  # runs until interrupted
+    job = Background(generate, sd, "txt2img", {**LONG, "n_iter": 15, "seed": 41})  # runs until interrupted
     wait_progress(sd, min_step=2)
     r = sd.post("/completion", {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"]
     assert job.thread.is_alive()  # answered while the image job still runs on its own worker
-    assert progress(sd)["state"]["job_count"] == 50
+    assert progress(sd)["state"]["job_count"] == 15
     sd.post("/sdapi/v1/interrupt")
     out = job.join(60)
-    assert out["info_dict"]["interrupted"] is True and len(out["images"]) < 50
+    assert out["info_dict"]["interrupted"] is True and len(out["images"]) < 15
 
 
 # ---- in-process: options scopes and advertised limits (no worker processes) -------------------------

@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from velesio.mesh.jobs import IMAGE_LIMITS
+from velesio.mesh.jobs import IMAGE_LIMITS, image_cost
 
-from ..errors import invalid
+from ..errors import ApiError, invalid
 from .a1111 import ImageRequest, model_hash
 
 
@@ -19,6 +19,8 @@ def limits(meta: dict[str, Any] | None) -> dict[str, int]:
         value = meta.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             out[key] = value
+    if "max_pixel_steps" not in meta:  # a worker that advertises none: one largest image at the most steps
+        out["max_pixel_steps"] = out["max_pixels"] * out["max_steps"]
     return out
 
 
@@ -39,6 +41,15 @@ def check_limits(req: ImageRequest, model: str, meta: dict[str, Any] | None) -> 
                                     f"got {p['batch_size']}")
     if p["n_iter"] > lim["max_iter"]:
         raise invalid("n_iter", f"must be between 1 and {lim['max_iter']} for model '{model}', got {p['n_iter']}")
+    # The job's whole cost, so that no combination of limits admitted one by one holds a worker for hours.
+    cost = image_cost(req.op, p, lim["max_steps"])
+    if cost > lim["max_pixel_steps"]:
+        steps = "steps run" if req.op == "img2img" else "steps"
+        raise ApiError("invalid_request",
+                       f"max_pixel_steps: this job costs {cost} pixel-steps (width x height x {steps} x batch_size "
+                       f"x n_iter), more than model '{model}' allows (max_pixel_steps {lim['max_pixel_steps']}); "
+                       "ask for fewer or smaller images, or fewer steps",
+                       {"max_pixel_steps": lim["max_pixel_steps"], "cost": cost})
     offered = (meta or {}).get("samplers")
     if isinstance(offered, list) and offered and p["sampler_name"] not in offered:
         raise invalid("sampler_name", f"model '{model}' does not offer sampler {p['sampler_name']!r}; "
