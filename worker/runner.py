@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -106,7 +107,11 @@ class Runner:
             if self.backend is not None:
                 self.backend.set_threads(self.threads)
         elif kind == ipc.LOAD:
-            self.loop.run_in_executor(None, self.load, message[1], message[2], message[3])
+            # A thread that ends after loading, not a pool's: an OpenMP runtime (llama.cpp's CPU build) keeps a
+            # team of threads for each thread that ran a parallel region while that thread lives, and with more
+            # of its threads than cores it stops spinning at barriers (a third slower decoding, measured).
+            threading.Thread(target=self.load, args=(message[1], message[2], message[3]), name=f"{self.name}-load",
+                             daemon=True).start()
         elif kind == ipc.STOP:
             for ctx in list(self.jobs.values()):
                 ctx.cancel()
