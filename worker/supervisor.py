@@ -131,6 +131,29 @@ class Events(Protocol):
     def backend_state(self, process: "BackendProcess") -> None: ...
 
 
+class _PipeProtocol(asyncio.Protocol):
+    """The worker's end of a backend process's pipe: messages are handled as their bytes arrive, with no task
+    woken per read (a job that does no work costs the pipe two messages each way)."""
+
+    def __init__(self, process: "BackendProcess", closed: asyncio.Future):
+        self.process = process
+        self.closed = closed
+        self.unpacker = ipc.unpacker()
+
+    def data_received(self, data: bytes) -> None:
+        self.unpacker.feed(data)
+        try:
+            for message in self.unpacker:
+                self.process.handle_message(message)
+        except Exception:  # a garbled pipe or a bad message: that backend process cannot be trusted any more
+            log.exception("model %s: bad message from its backend process; restarting it", self.process.name)
+            self.process.kill(_Kill("it sent a bad message", crash=True))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
 class BackendProcess:
     """One model's backend process: start, feed jobs, watch, and restart it when it dies."""
 
@@ -157,7 +180,7 @@ class BackendProcess:
         self.rss_mb: float | None = None
         self._next_key = 0
         self._proc: subprocess.Popen | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._transport: asyncio.Transport | None = None
         self._loaded: asyncio.Future | None = None
         self._ready_since = 0.0
         self._quick_crashes = 0
@@ -205,9 +228,11 @@ class BackendProcess:
         finally:
             if not theirs._closed:  # type: ignore[attr-defined]
                 theirs.close()
-        reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=ipc.MAX_MESSAGE)
+        closed = loop.create_future()
+        transport, _ = await loop.create_unix_connection(lambda: _PipeProtocol(self, closed), sock=ours)
+        self._transport = transport  # type: ignore[assignment]
         self._loaded = loop.create_future()
-        self._track(self._read(reader, self._proc))
+        self._track(self._wait_end(closed, self._proc))
         config = dataclasses.asdict(self.config)
         config.pop("threads", None)
         self._send([ipc.LOAD, config, self.backend_path, self.threads])
@@ -219,8 +244,8 @@ class BackendProcess:
         task.add_done_callback(self._tasks.discard)
 
     def _send(self, message: list[Any]) -> None:
-        if self._writer is not None and not self._writer.is_closing():
-            self._writer.write(ipc.pack(message))
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(ipc.pack(message))
 
     async def stop(self) -> None:
         """Close the backend and end the process (killed after STOP_TIMEOUT_S)."""
@@ -257,24 +282,11 @@ class BackendProcess:
         self._send([ipc.THREADS, n])
 
     # ---- what the process says -------------------------------------------------------------------
-    async def _read(self, reader: asyncio.StreamReader, proc: subprocess.Popen) -> None:
-        unpacker = ipc.unpacker()
-        try:
-            while True:
-                data = await reader.read(1 << 20)
-                if not data:
-                    break
-                unpacker.feed(data)
-                for message in unpacker:
-                    try:
-                        self._handle(message)
-                    except Exception:  # a malformed message is the backend's bug, not the worker's end
-                        log.exception("model %s: bad message from its backend process", self.name)
-        except (ConnectionError, OSError):
-            pass
+    async def _wait_end(self, closed: asyncio.Future, proc: subprocess.Popen) -> None:
+        await closed
         await self._ended(proc)
 
-    def _handle(self, message: list[Any]) -> None:
+    def handle_message(self, message: list[Any]) -> None:
         kind = message[0]
         if kind == ipc.OUT:
             rj = self.jobs.get(message[1])
@@ -313,9 +325,9 @@ class BackendProcess:
         if proc.poll() is None:
             proc.kill()
             await loop.run_in_executor(None, proc.wait)
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
         how = describe_exit(proc.returncode)
         kill, self._kill = self._kill, None
         why = kill.why if kill else how
@@ -379,7 +391,7 @@ class BackendProcess:
             return
         self.rss_mb = anonymous_memory_mb(proc.pid)
         if self.memory_limit_mb and self.rss_mb and self.rss_mb > self.memory_limit_mb:
-            self._kill_process(_Kill(f"memory ceiling exceeded ({self.rss_mb:.0f} MB > max_memory_mb "
+            self.kill(_Kill(f"memory ceiling exceeded ({self.rss_mb:.0f} MB > max_memory_mb "
                                      f"{self.memory_limit_mb} MB)", crash=True))
             return
         blame: dict[int, tuple[str, str]] = {}
@@ -395,10 +407,10 @@ class BackendProcess:
                 else:
                     blame[rj.key] = ("cancelled", "cancelled")
         if blame:
-            self._kill_process(_Kill(f"{len(blame)} job(s) did not stop within cancel_grace_s "
+            self.kill(_Kill(f"{len(blame)} job(s) did not stop within cancel_grace_s "
                                      f"({self.limits.cancel_grace_s:g} s) of being stopped", blame=blame))
 
-    def _kill_process(self, kill: "_Kill") -> None:
+    def kill(self, kill: "_Kill") -> None:
         log.error("model %s: killing backend process %s: %s", self.name, self.pid, kill.why)
         self._kill = kill
         if self._proc is not None and self._proc.poll() is None:
