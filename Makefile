@@ -1,4 +1,5 @@
-# The two commands of the README: `make run` and `make test`. Both set up .venv first.
+# The two commands of the README: `make run` and `make test`. Both set up .venv first, as does `make lint`
+# (ruff and mypy, which CI runs before the tests).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ API_TOKENS ?= your-token
 PORT ?= 8000
 MESH_BIND ?= tcp://127.0.0.1:5555
 
-.PHONY: setup run test bench clean
+.PHONY: setup run lint test bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile plugins/example-echo/pyproject.toml plugins/openai-upstream/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,10 @@ run: setup
 	trap 'kill $$router 2>/dev/null' EXIT INT TERM; \
 	$(VENV)/bin/velesio-worker --config mesh.yaml --router $(MESH_BIND)
 
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
 test: setup
 	$(PY) -m pytest
 
@@ -38,4 +43,4 @@ bench: setup
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

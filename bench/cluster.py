@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 import signal
@@ -21,6 +23,25 @@ BIN = Path(sys.executable).parent
 # The router's limits are opened up so that only its own speed is measured.
 ROUTER_CONFIG = {"rate_limit": {"requests_per_minute": 10_000_000, "concurrent": 100_000},
                  "queue_max": 100_000}
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this process (SIGKILL) when its parent dies, so that a benchmark killed
+    mid-run (a timeout's SIGTERM, SIGKILL) leaves no router, worker, floor or echo process behind. Called in
+    the child: as Popen's ``preexec_fn`` (``child_of_this_process``), or first thing in a child's own code."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
+def child_of_this_process() -> functools.partial[None]:
+    """A ``preexec_fn`` for Popen: the child dies with this process (``die_with_parent``)."""
+    return functools.partial(die_with_parent, os.getpid())
 
 
 def free_port() -> int:
@@ -46,14 +67,15 @@ def rss_mb(pid: int) -> float:
 
 
 class Proc:
-    """A child process in its own session, its output in a log file."""
+    """A child process in its own session, its output in a log file; it dies with this process."""
 
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
         self.args = args
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.popen = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      env={**os.environ, **(env or {})}, start_new_session=True)
+                                      env={**os.environ, **(env or {})}, start_new_session=True,
+                                      preexec_fn=child_of_this_process())
 
     @property
     def pid(self) -> int:
@@ -177,7 +199,7 @@ class Cluster:
             self.router.stop()
             self.router = None
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         return self
 
     def __exit__(self, *exc) -> None:

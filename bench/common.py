@@ -10,8 +10,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .cluster import Proc
 
@@ -48,7 +49,7 @@ class Settings:
     results: Path = ROOT / "bench" / "results"
 
     @classmethod
-    def quick(cls, **kw: Any) -> "Settings":
+    def quick(cls, **kw: Any) -> Settings:
         return cls(duration=1.5, warmup=0.5, rounds=1, stream_tokens=500, stream_rounds=1, e2e_reps=2,
                    scaling_workers=(1, 2, 4), scaling_delay_ms=50, idle_streams=200, two_requests=16, two_idle=3,
                    two_deadline_s=20.0, **kw)
@@ -86,7 +87,7 @@ class Profiler:
         self.out = settings.results / f"profile-{name}"
         self.procs: list[subprocess.Popen] = []
 
-    def __enter__(self) -> "Profiler":
+    def __enter__(self) -> Profiler:
         if self.on:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             # Collapsed stacks ("raw"): one line per stack with its sample count; top_functions() reads them.

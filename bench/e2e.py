@@ -13,8 +13,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .cluster import Cluster, Proc, free_port
 from .common import ROOT, Log, Settings, pct, wait_port
@@ -40,7 +41,8 @@ def decode_rate(r: dict[str, Any], n: int) -> float | None:
 
 def paired_ratio(runs: list[dict[str, Any]], base: list[dict[str, Any]], n: int) -> float:
     """The median over rounds of this system's tokens/s ÷ the base system's in the same round."""
-    ratios = [a / b for a, b in ((decode_rate(x, n), decode_rate(y, n)) for x, y in zip(runs, base)) if a and b]
+    ratios = [a / b for a, b in ((decode_rate(x, n), decode_rate(y, n)) for x, y in zip(runs, base, strict=False))
+              if a and b]
     return statistics.median(ratios) if ratios else float("nan")
 
 

@@ -7,14 +7,15 @@
   worker → back path with no router logic, no scheduler and no backend.
 
 ``python -m bench.floor http PORT BODY_BYTES`` / ``python -m bench.floor zmq PORT BODY_BYTES MESH_ADDRESS``
-(which starts its echo process, ``python -m bench.floor echo MESH_ADDRESS``, itself). Both run on the
-event loop the router runs on (velesio/loop.py)."""
+(which starts its echo process, ``python -m bench.floor echo MESH_ADDRESS PARENT_PID``, itself, and the echo
+dies with it, however it ends). Both run on the event loop the router runs on (velesio/loop.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import json
+import os
 import subprocess
 import sys
 
@@ -22,6 +23,8 @@ import zmq
 from aiohttp import web
 
 from velesio import loop as event_loop
+
+from .cluster import die_with_parent
 
 
 def reply_body(size: int) -> bytes:
@@ -81,7 +84,7 @@ def zmq_app(size: int, mesh: str) -> web.Application:
     async def start(app: web.Application):
         loop = asyncio.get_running_loop()
         loop.add_reader(sock.getsockopt(zmq.FD), read)
-        echo = subprocess.Popen([sys.executable, "-m", "bench.floor", "echo", mesh])
+        echo = subprocess.Popen([sys.executable, "-m", "bench.floor", "echo", mesh, str(os.getpid())])
         while not peers:
             await asyncio.sleep(0.05)
             read()
@@ -95,8 +98,10 @@ def zmq_app(size: int, mesh: str) -> web.Application:
     return app
 
 
-def echo(mesh: str) -> int:
-    """The floor's worker: a DEALER that sends back every frame it gets, at once."""
+def echo(mesh: str, parent: int) -> int:
+    """The floor's worker: a DEALER that sends back every frame it gets, at once. It dies with the floor
+    process that started it: a floor is stopped by a signal, which runs none of its cleanup."""
+    die_with_parent(parent)
     sock = zmq.Context().socket(zmq.DEALER)
     sock.connect(mesh)
     sock.send(b"hello")
@@ -114,7 +119,7 @@ async def serve(app: web.Application, port: int) -> None:
 def main(argv: list[str]) -> int:
     mode = argv[0]
     if mode == "echo":
-        return echo(argv[1])
+        return echo(argv[1], int(argv[2]))
     port, size = int(argv[1]), int(argv[2])
     app = http_app(size) if mode == "http" else zmq_app(size, argv[3])
     event_loop.run(serve(app, port))

@@ -10,8 +10,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .cluster import Cluster, CpuMeter, rss_mb
 from .common import ECHO, ROOT, Log, Profiler, Settings, loadgen, pct

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import aiohttp
 
+from .cluster import child_of_this_process
+
 TOKEN = "soak-token"
 
 
@@ -104,20 +106,21 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="velesio-soak-"))
     (tmp / "mesh.yaml").write_text(
         "router:\n  rate_limit: {requests_per_minute: 100000000, concurrent: 100000}\n  queue_max: 100000\n"
-        "worker:\n  models:\n    - {name: smollm2-135m-instruct, backend: llama-cpp, slots: 2, options: {n_threads: 1}}\n")
+        "worker:\n  models:\n"
+        "    - {name: smollm2-135m-instruct, backend: llama-cpp, slots: 2, options: {n_threads: 1}}\n")
     env = {**os.environ, "API_TOKENS": TOKEN}
     logs = open(tmp / "mesh.log", "wb")
     router = subprocess.Popen([str(bin_dir / "velesio-router"), "--config", str(tmp / "mesh.yaml"), "--host",
                                "127.0.0.1", "--port", str(port), "--mesh-bind", mesh, "--log-level", "WARNING"],
-                              env=env, stdout=logs, stderr=subprocess.STDOUT)
+                              env=env, stdout=logs, stderr=subprocess.STDOUT, preexec_fn=child_of_this_process())
     worker = subprocess.Popen([str(bin_dir / "velesio-worker"), "--router", mesh, "--config", str(tmp / "mesh.yaml"),
                                "--name", "soak", "--log-level", "WARNING"], env=env, stdout=logs,
-                              stderr=subprocess.STDOUT)
+                              stderr=subprocess.STDOUT, preexec_fn=child_of_this_process())
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
-        import urllib.request
         import json
+        import urllib.request
         while time.monotonic() < deadline:
             try:
                 if json.load(urllib.request.urlopen(url + "/health", timeout=2))["workers"]:

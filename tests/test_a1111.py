@@ -70,7 +70,7 @@ def png(b64: str) -> Any:
 
 def mean_abs_diff(a: Any, b: Any) -> float:
     pa, pb = a.tobytes(), b.tobytes()
-    return sum(abs(x - y) for x, y in zip(pa, pb)) / len(pa)
+    return sum(abs(x - y) for x, y in zip(pa, pb, strict=True)) / len(pa)
 
 
 def generate(router, path: str, body: dict[str, Any], token: str = TOKEN, timeout: float = 120) -> dict[str, Any]:

@@ -11,9 +11,21 @@ import time
 
 import pytest
 
-from velesio.client import (AsyncClient, Client, Completion, ImageResult, InvalidRequest, ModelNotFound, QueueFull,
-                            RateLimited, ServiceUnavailable, Unauthorized, VelesioError, encode_image,
-                            make_error)
+from velesio.client import (
+    AsyncClient,
+    Client,
+    Completion,
+    ImageResult,
+    InvalidRequest,
+    ModelNotFound,
+    QueueFull,
+    RateLimited,
+    ServiceUnavailable,
+    Unauthorized,
+    VelesioError,
+    encode_image,
+    make_error,
+)
 
 FRANCE = "What is the capital of France? Answer in one sentence."
 QA = "Q: What is the capital of France?\nA:"

@@ -7,13 +7,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
-from velesio.worker.cpu import (HostRegistry, available_cores, cgroup_quota, default_registry_dir,
-                                thread_share)
+from velesio.worker.cpu import HostRegistry, available_cores, cgroup_quota, default_registry_dir, thread_share
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:

@@ -15,8 +15,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 PIL_Image = pytest.importorskip("PIL.Image")
 
-from velesio.backends import Cancelled, InvalidRequest, JobContext, ModelConfig  # noqa: E402
-from velesio.backends import samplers, tiny_sd  # noqa: E402
+from velesio.backends import Cancelled, InvalidRequest, JobContext, ModelConfig, samplers, tiny_sd  # noqa: E402  # noqa: E402
 from velesio.backends.diffusers import DiffusersBackend, detect_sdxl_file, detect_sdxl_folder, model_hash  # noqa: E402
 from velesio.mesh.jobs import Job  # noqa: E402
 

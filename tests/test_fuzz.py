@@ -79,7 +79,8 @@ async def one(session: aiohttp.ClientSession, url: str, rng: random.Random, fail
         method = "POST" if rng.random() < 0.92 else rng.choice(["GET", "PUT", "DELETE", "PATCH"])
         data = mutate(rng, ROUTES[path])
         if rng.random() < 0.9:
-            headers["Content-Type"] = rng.choice(["application/json", "text/plain", "application/x-www-form-urlencoded"])
+            headers["Content-Type"] = rng.choice(["application/json", "text/plain",
+                                                  "application/x-www-form-urlencoded"])
     else:
         path, method, data = rng.choice(GET_ROUTES), rng.choice(["GET", "GET", "POST", "HEAD"]), None
     try:

@@ -118,21 +118,24 @@ def test_worker_sigterm_drains(start_router, start_worker):
 
 
 def test_router_sigterm_ends_streams_with_a_final_event(start_router, start_worker):
+    """A stream still open when the drain ends gets a final error event. The stream cannot end first: it
+    asks for 1500 tokens with ignore_eos (seconds of generation at the least), the drain lasts 1 s."""
     router = start_router({"drain_s": 1})
     start_worker(router, "stay", [SMOLLM2])
     events = []
-    with requests.post(router.url + "/completion", json={"prompt": "Once upon a time", "max_tokens": 2000,
-                                                         "stream": True}, headers=router.headers, stream=True,
-                       timeout=60) as r:
+    with requests.post(router.url + "/completion", json={**LONG, "stream": True}, headers=router.headers,
+                       stream=True, timeout=60) as r:
         lines = r.iter_lines()
         events.append(next(lines))
         router.proc.signal(signal.SIGTERM)
         for line in lines:
             if line:
                 events.append(line)
-    assert events[-1] == b"data: [DONE]"
-    final = json.loads(events[-2][len(b"data: "):])
-    assert final["error"]["code"] == "shutting_down"
+    # llama.cpp's stream shape (n_predict, ignore_eos): the last event is the error, no [DONE] follows
+    final = json.loads(events[-1][len(b"data: "):])
+    assert final == {"error": {"code": 503, "message": "the router is shutting down; retry shortly",
+                               "type": "unavailable_error"}}, events[-3:]
+    assert all(json.loads(e[len(b"data: "):]).get("stop") is False for e in events[:-1])
     assert router.proc.popen.wait(15) == 0
 
 

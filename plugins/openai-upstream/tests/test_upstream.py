@@ -46,7 +46,8 @@ def upstream(tmp_path_factory):
     log = open(tmp_path_factory.mktemp("upstream") / "server.log", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", model, "--model_alias", ALIAS,
-         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", str(max(1, min(4, (os.cpu_count() or 2) // 2)))],
+         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
+         "--n_threads", str(max(1, min(4, (os.cpu_count() or 2) // 2)))],
         stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 180

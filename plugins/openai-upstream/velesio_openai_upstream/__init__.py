@@ -25,7 +25,8 @@ import os
 import threading
 import time
 import urllib.parse
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from velesio.backends import (
     Backend,
@@ -148,9 +149,9 @@ class OpenAIUpstreamBackend(Backend):
                                 f"root (ending in /v1)?")
         try:
             ids = [m.get("id") for m in json.loads(body).get("data", []) if isinstance(m, dict)]
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError) as e:
             raise UpstreamError(f"model '{self.config.name}': {self.base_url}/models did not answer an OpenAI "
-                                f"model list; is options.base_url the API root (ending in /v1)?")
+                                f"model list; is options.base_url the API root (ending in /v1)?") from e
         if ids and self.upstream_model not in ids:
             raise UpstreamError(f"model '{self.config.name}': the upstream at {self.base_url} does not serve "
                                 f"'{self.upstream_model}' (it lists {', '.join(map(str, ids[:10]))}); set "

@@ -1,0 +1,174 @@
+"""The router's middlewares: errors → responses (the one place), CORS, Bearer/Basic auth, rate limits."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from .dialects import llamacpp
+from .errors import ApiError
+from .keys import CONFIG, ERROR_STYLE, RATE_HEADERS, TOKEN_NAME
+from .ratelimit import RATE_LIMITER
+
+log = logging.getLogger("velesio.router")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Paths answered without a token: liveness probes (LLM for Unity v3 polls POST /health) and CORS preflights.
+PUBLIC_PATHS = {"/health", "/v1/health"}
+
+# Paths that need a token but do not count against its rate limits.
+UNMETERED_PATHS = {"/sdapi/v1/progress"}
+
+# Paths whose errors use llama.cpp's shape (integer code) unless a handler says otherwise.
+LLAMACPP_PATHS = {"/tokenize", "/detokenize", "/template", "/apply-template", "/props", "/embeddings", "/slots",
+                  "/infill", "/v1/embeddings"}
+
+
+def error_body(err: ApiError, style: str) -> dict[str, Any]:
+    """The error shape of each dialect; every one keeps message and type (docs/clients.md)."""
+    if style == "llamacpp":
+        return {"error": {"code": err.status, "message": err.message, "type": err.type}}
+    body: dict[str, Any] = {"error": {"code": err.code, "message": err.message, "details": err.details,
+                                      "type": err.type, "param": err.param}}
+    if style == "a1111":
+        body["detail"] = err.message
+    return body
+
+
+def error_style(request: web.Request) -> str:
+    style = request.get(ERROR_STYLE)
+    if style:
+        return style
+    if request.path in LLAMACPP_PATHS:
+        return "llamacpp"
+    if request.path.startswith("/sdapi/"):
+        return "a1111"
+    return "seed"
+
+
+def error_response(request: web.Request, err: ApiError) -> web.Response:
+    response = web.json_response(error_body(err, error_style(request)), status=err.status)
+    response.headers.update(err.headers)
+    return response
+
+
+_HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 413: "payload_too_large", 429: "rate_limited"}
+
+
+async def _sniff_dialect(request: web.Request) -> None:
+    """/completion serves two dialects; an error raised before the handler read the body (401, 429) still
+    gets the llama.cpp shape when the body is llama.cpp's (LLM for Unity v3 reads ``code`` as an int)."""
+    if request.path != "/completion" or ERROR_STYLE in request or (request.content_length or 0) > 2**20:
+        return
+    try:
+        body = json.loads(await request.read())
+    except Exception:
+        return
+    if isinstance(body, dict) and llamacpp.wants(body):
+        request[ERROR_STYLE] = "llamacpp"
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as err:
+        await _sniff_dialect(request)
+        return error_response(request, err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "internal_error" if exc.status >= 500 else "invalid_request")
+        message = {404: f"no route {request.method} {request.path}",
+                   405: f"method {request.method} is not allowed on {request.path}",
+                   413: "request body too large"}.get(exc.status, exc.reason)
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
+        return error_response(request, ApiError(code, message, status=exc.status, headers=headers))
+    except (ConnectionResetError, ConnectionError):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(request, ApiError("internal_error", "internal server error"))
+
+
+@web.middleware
+async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    origins = request.app[CONFIG].cors_origins
+    origin = request.headers.get("Origin")
+    allowed = origin if origin and ("*" in origins or origin in origins) else None
+    if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
+        response: web.StreamResponse = web.Response(status=204)
+    else:
+        response = await handler(request)
+    if allowed is not None and not response.prepared:
+        response.headers["Access-Control-Allow-Origin"] = allowed
+        response.headers["Access-Control-Allow-Credentials"] = "true"
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = request.headers.get(
+            "Access-Control-Request-Headers", "Authorization, Content-Type")
+        response.headers["Vary"] = "Origin"
+    return response
+
+
+def presented_token(request: web.Request) -> str | None:
+    """Bearer, X-Api-Key, or HTTP Basic with the token as password (webuiapi)."""
+    auth = request.headers.get("Authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    if scheme.lower() == "basic" and value.strip():
+        try:
+            _user, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return password or None
+    return request.headers.get("X-Api-Key") or None
+
+
+def token_name(tokens: dict[str, str], presented: str | None) -> str | None:
+    """Constant-time comparison against every configured token; never logs the token."""
+    match = None
+    candidate = (presented or "").encode()
+    for token, name in tokens.items():
+        if hmac.compare_digest(candidate, token.encode()) and presented is not None:
+            match = name
+    return match
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method == "OPTIONS" or request.path in PUBLIC_PATHS:
+        return await handler(request)
+    tokens = request.app[CONFIG].tokens
+    if tokens:
+        name = token_name(tokens, presented_token(request))
+        if name is None:
+            raise ApiError("unauthorized", "invalid or missing API token",
+                           headers={"WWW-Authenticate": 'Bearer, Basic realm="velesio"'})
+        request[TOKEN_NAME] = name
+    else:
+        request[TOKEN_NAME] = "anonymous"
+    if request.path in UNMETERED_PATHS:  # status polls (A1111 UIs poll progress twice a second)
+        return await handler(request)
+    limiter = request.app[RATE_LIMITER]
+    name = request[TOKEN_NAME]
+    headers = limiter.admit(name)
+    request[RATE_HEADERS] = headers
+    try:
+        response = await handler(request)
+    except ApiError as err:
+        err.headers.update(headers)
+        raise
+    finally:
+        limiter.release(name)
+    if not response.prepared:
+        response.headers.update(headers)
+    return response

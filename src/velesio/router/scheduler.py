@@ -1,0 +1,456 @@
+"""The router's view of the mesh and its job scheduler. Socket-free: frames come in through
+``process_worker`` and go out through the ``send`` callable, so the runner (router/broker.py) owns the
+ZeroMQ socket and tests can drive this directly."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from velesio.mesh import codec, protocol
+from velesio.mesh.jobs import Job
+from velesio.mesh.protocol import Command
+
+from .errors import ApiError
+from .records import JobRecord, WorkerState
+
+__all__ = ["JobRecord", "Scheduler", "WorkerState"]
+
+log = logging.getLogger("velesio.router")
+
+TEXT_STREAM_OPS = ("completion", "chat")
+MAX_ATTEMPTS = 4
+JOB_CRASH_LIMIT = 1  # backends a job may crash, alone in them, before it ends with job_crashed_backend
+SHARED_CRASH_LIMIT = 2  # backends a job may be in when they crash among other jobs
+
+
+def params_digest(job: Job) -> str:
+    """What a log may say of a job's parameters: a digest and their sizes, never the prompt or the token."""
+    try:
+        packed = codec.encode(Command.REQUEST, {"op": job.op, "params": job.params})
+    except Exception:  # noqa: BLE001 - parameters that cannot be packed were refused before dispatch
+        packed = repr(sorted(job.params)).encode()
+    sizes = ",".join(f"{k}={len(v)}" for k, v in sorted(job.params.items()) if isinstance(v, (str, list, dict)))
+    return f"sha256:{hashlib.sha256(packed).hexdigest()[:16]} {job.op} [{sizes}]"
+
+
+class Scheduler:
+    def __init__(self, send: Callable[[bytes, bytes], None], *, queue_max: int = 64,
+                 heartbeat_ms: int = protocol.HEARTBEAT_MS, liveness: int = protocol.LIVENESS,
+                 job_stall_s: float = 60.0, worker_wait_s: float = 5.0,
+                 default_models: dict[str, str | None] | None = None, router_name: str = "router",
+                 job_crash_limit: int = JOB_CRASH_LIMIT):
+        self.send = send
+        self.queue_max = queue_max
+        self.heartbeat_ms = heartbeat_ms
+        self.liveness = liveness
+        self.job_stall_s = job_stall_s
+        self.worker_wait_s = worker_wait_s
+        self.default_models = default_models or {}
+        self.router_name = router_name
+        self.job_crash_limit = job_crash_limit
+        self.workers: dict[bytes, WorkerState] = {}
+        self.jobs: dict[str, JobRecord] = {}
+        self.queues: dict[str, collections.deque[JobRecord]] = collections.defaultdict(collections.deque)
+        self.known_models: set[str] = set()
+        self.completed: collections.deque[float] = collections.deque()
+        self.mesh_changed = asyncio.Event()
+        self._defaults: dict[str, str | None] = {}  # op -> the model it runs on when a request names none
+        self.accepting = True
+        self.observer: Any = None  # router/metrics.py: observe(event, rec, **data)
+
+    def _observe(self, event: str, rec: JobRecord, **data: Any) -> None:
+        if self.observer is not None:
+            self.observer.observe(event, rec, **data)
+
+    # ---- views -------------------------------------------------------------------------------
+    def live_models(self) -> dict[str, dict[str, Any]]:
+        """Every model some live worker offers: merged info plus the workers offering it."""
+        out: dict[str, dict[str, Any]] = {}
+        for w in self.workers.values():
+            for name, m in w.models.items():
+                entry = out.setdefault(name, {**m, "workers": [], "slots_total": 0, "slots_free": 0})
+                entry["workers"].append(w.name)
+                entry["slots_total"] += int(m["slots"])
+                entry["slots_free"] += w.free(name)
+        return out
+
+    def model_info(self, name: str) -> dict[str, Any] | None:
+        for w in self.workers.values():
+            if name in w.models:
+                return w.models[name]
+        return None
+
+    def queue_depth(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    def completed_24h(self) -> int:
+        cutoff = time.time() - 86400
+        while self.completed and self.completed[0] < cutoff:
+            self.completed.popleft()
+        return len(self.completed)
+
+    # ---- submission --------------------------------------------------------------------------
+    async def resolve_model(self, op: str, model: str | None) -> str:
+        """The model a job runs on; waits briefly for workers when none offers it yet."""
+        deadline = time.monotonic() + self.worker_wait_s
+        while True:
+            name = model or self._default_model(op)
+            if name and self._offered(name, op):
+                return name
+            if name and name in self.live_models():
+                raise ApiError("not_supported", f"model '{name}' does not support '{op}'")
+            # A model never seen while workers are up is unknown: fail fast. Otherwise wait a little for
+            # workers (a router restart, a worker still loading) before answering 503.
+            if self.workers and name and name not in self.known_models:
+                raise ApiError("model_not_found", f"model '{name}' is not offered by any worker",
+                               {"available": sorted(self.live_models())}, param="model")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                what = f"model '{name}'" if name else f"a model that serves '{op}'"
+                raise ApiError("no_worker", f"no live worker offers {what}", headers={"Retry-After": "5"})
+            self.mesh_changed.clear()
+            try:
+                await asyncio.wait_for(self.mesh_changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    def _offered(self, name: str, op: str) -> bool:
+        return any(name in w.models and op in w.models[name]["operations"] for w in self.workers.values())
+
+    def _default_model(self, op: str) -> str | None:
+        kind = "image" if op in protocol.IMAGE_OPERATIONS else "text"
+        configured = self.default_models.get(kind)
+        if configured:
+            return configured
+        if op not in self._defaults:  # forgotten whenever a worker joins, re-registers or leaves
+            offered = sorted({n for w in self.workers.values() for n, m in w.models.items()
+                              if op in m["operations"]})
+            self._defaults[op] = offered[0] if offered else None
+        return self._defaults[op]
+
+    def submit(self, job: Job) -> JobRecord:
+        """Accept a job whose model is resolved; dispatch it now or queue it (bounded)."""
+        if not self.accepting:
+            raise ApiError("shutting_down", "the router is shutting down", headers={"Retry-After": "5"})
+        queue = self.queues[job.model]
+        if len(queue) >= self.queue_max and not self._candidates(job):
+            raise ApiError("queue_full", f"the queue for model '{job.model}' is full ({self.queue_max} jobs)",
+                           {"queue_depth": len(queue)}, headers={"Retry-After": "2"})
+        rec = JobRecord(job)
+        self.jobs[job.id] = rec
+        queue.append(rec)
+        self._drain(job.model)
+        return rec
+
+    def cancel(self, rec: JobRecord, keep: bool = False) -> None:
+        """The client went away (or asked to interrupt): stop the job wherever it is."""
+        if rec.done:
+            return
+        self._observe("cancel", rec)
+        queue = self.queues.get(rec.job.model)
+        if queue and rec in queue:
+            queue.remove(rec)
+            self._finish(rec, "error", ApiError("cancelled", "cancelled"))
+            return
+        self._send_cancel(rec, keep)
+        if not keep:
+            self._finish(rec, "error", ApiError("cancelled", "cancelled"))
+
+    def _send_cancel(self, rec: JobRecord, keep: bool = False) -> None:
+        """Tell the worker running ``rec`` (if any) to stop it; ``keep``: return what is done (A1111 interrupt)."""
+        if rec.worker is not None:
+            self.send(rec.worker.identity, codec.encode(Command.CANCEL, {
+                "job": rec.job.id, "attempt": rec.job.attempt, "keep": keep}))
+
+    # ---- dispatch ----------------------------------------------------------------------------
+    def _candidates(self, job: Job) -> list[WorkerState]:
+        """Workers that can take the job now; an exclusive job needs its model's every slot free."""
+        return [w for w in self.workers.values()
+                if not w.draining and job.model in w.models and job.op in w.models[job.model]["operations"]
+                and w.free(job.model) >= (int(w.models[job.model]["slots"]) if job.exclusive else 1)]
+
+    def _drain(self, model: str) -> None:
+        queue = self.queues.get(model)
+        while queue:
+            rec = queue[0]
+            candidates = self._candidates(rec.job)
+            if not candidates:
+                return
+            queue.popleft()
+            # Least loaded first (most free slots relative to size), then least recently used.
+            worker = min(candidates, key=lambda w: (-w.free(model) / max(1, w.models[model]["slots"]),
+                                                    len(w.running), w.last_dispatch))
+            self._dispatch(rec, worker)
+
+    def _dispatch(self, rec: JobRecord, worker: WorkerState) -> None:
+        worker.seq += 1
+        try:
+            frame = codec.encode(Command.REQUEST, {**rec.job.to_wire(), "seq": worker.seq})
+        except Exception as exc:  # parameters msgpack cannot carry: the dialect let something odd through
+            log.error("job %s cannot be encoded: %s", rec.job.id, exc)
+            self._finish(rec, "error", ApiError("invalid_request", "the request cannot be sent to a worker"))
+            return
+        rec.worker = worker
+        rec.last_activity = time.monotonic()
+        rec.dispatch_seq = worker.seq
+        slots = int(worker.models[rec.job.model]["slots"]) if rec.job.exclusive else 1
+        worker.start_job((rec.job.id, rec.job.attempt), rec.job.model, slots)
+        worker.last_dispatch = time.monotonic()
+        self.send(worker.identity, frame)
+        self._observe("dispatch", rec)
+
+    def _finish(self, rec: JobRecord, kind: str, payload: Any) -> None:
+        if rec.done:
+            return
+        rec.done = True
+        outcome = "ok" if kind == "final" else getattr(payload, "code", "error")
+        self._observe("end", rec, outcome=outcome, result=payload if kind == "final" else None)
+        worker = rec.worker.name if rec.worker else "-"
+        log.info("job %s %s on %s by %s (attempt %d): %s in %.3fs", rec.job.id, rec.job.op, rec.job.model, worker,
+                 rec.job.attempt, outcome, time.time() - rec.created,
+                 extra={"job": rec.job.id, "worker": worker})
+        self.jobs.pop(rec.job.id, None)
+        if kind == "final":
+            self.completed.append(time.time())
+        rec.events.put_nowait((kind, payload))
+
+    def _fail_over(self, rec: JobRecord, reason: str) -> None:
+        """Run the job again on another worker (docs/protocol.md, "Failover")."""
+        if rec.done:
+            return
+        job = rec.job
+        rec.worker = None
+        rec.failovers += 1
+        self._observe("failover", rec)
+        if job.attempt >= MAX_ATTEMPTS:
+            self._finish(rec, "error", ApiError("no_worker", f"job failed {job.attempt} times ({reason})"))
+            return
+        job.attempt += 1
+        if job.op in TEXT_STREAM_OPS and rec.visible:
+            job.params["resume_text"] = rec.text_so_far
+            budget = job.params.get("max_tokens", -1)
+            if isinstance(budget, int) and budget > 0:
+                job.params["max_tokens"] = budget - rec.tokens_so_far
+                if job.params["max_tokens"] <= 0:
+                    self._finish(rec, "final", {"text": "", "finish_reason": "length", "stop_type": "limit",
+                                                "completion_tokens": 0, "resumed": True})
+                    return
+        rec.progress = {}
+        log.warning("job %s: %s; re-dispatching as attempt %d", job.id, reason, job.attempt)
+        if not self._offered(job.model, job.op):
+            self._finish(rec, "error", ApiError("no_worker", f"no live worker offers model '{job.model}' "
+                                                             f"after {reason}", headers={"Retry-After": "5"}))
+            return
+        self.queues[job.model].appendleft(rec)
+        self._drain(job.model)
+
+    # ---- frames from workers -----------------------------------------------------------------
+    def process_worker(self, identity: bytes, frame: bytes) -> None:
+        try:
+            command, body = codec.decode(frame)
+        except codec.DecodeError as exc:
+            log.warning("dropping a bad frame from %r: %s", identity[:32], exc)
+            return
+        worker = self.workers.get(identity)
+        if worker is not None:
+            worker.last_seen = time.monotonic()
+        if command == Command.READY:
+            self._process_ready(identity, body)
+            return
+        if worker is None:
+            if command != Command.DISCONNECT:
+                self.send(identity, codec.encode(Command.DISCONNECT, {"reason": protocol.REASON_UNKNOWN}))
+            return
+        if command == Command.HEARTBEAT:
+            if "memory_free_mb" in body:
+                worker.caps["memory_free_mb"] = body["memory_free_mb"]
+            worker.draining = bool(body.get("draining"))
+            if "backends" in body:
+                was = {m for m in worker.models if worker.available(m)}
+                worker.update_backends(body["backends"])
+                for model in worker.models:
+                    if worker.available(model) and model not in was:
+                        self._drain(model)  # a backend process is back after a restart
+            progress = body.get("progress")
+            if isinstance(progress, dict):
+                self._note_progress(worker, progress)
+            if isinstance(body.get("jobs"), list) and isinstance(body.get("seen"), int):
+                self._reconcile(worker, set(map(str, body["jobs"])), body["seen"])
+        elif command in (Command.PARTIAL, Command.FINAL, Command.ERROR):
+            self._process_job_message(worker, command, body)
+        elif command == Command.DISCONNECT:
+            self._remove_worker(worker, "it left")
+        else:
+            log.warning("worker %s sent unexpected %s", worker.name, command.name)
+
+    def _process_ready(self, identity: bytes, body: dict[str, Any]) -> None:
+        version = body.get("version")
+        name = body.get("worker")
+        if not protocol.compatible(version):
+            log.error("refusing worker %r: it speaks mesh protocol %r, this router speaks %s",
+                      name, version, protocol.VERSION)
+            self.send(identity, codec.encode(Command.DISCONNECT, {
+                "reason": protocol.REASON_VERSION, "version": protocol.VERSION,
+                "message": f"router speaks mesh protocol {protocol.VERSION}, worker sent {version}"}))
+            return
+        worker = self.workers.get(identity)
+        if worker is None:
+            worker = WorkerState(identity, body)
+            self.workers[identity] = worker
+            log.info("worker %s joined: %s", worker.name, ", ".join(sorted(worker.models)) or "no models")
+        else:
+            worker.update(body.get("capabilities") or {})
+        # Jobs the worker still runs from before (a router restart) occupy its slots until they end.
+        for job_id, model in (body.get("running") or {}).items():
+            if isinstance(model, str) and model in worker.models:
+                worker.start_job((job_id, 0), model)
+        self.known_models.update(worker.models)
+        self._defaults.clear()
+        self.send(identity, codec.encode(Command.WELCOME, {
+            "version": protocol.VERSION, "router": self.router_name,
+            "heartbeat_ms": self.heartbeat_ms, "liveness": self.liveness}))
+        self.mesh_changed.set()
+        for model in worker.models:
+            self._drain(model)
+
+    def _process_job_message(self, worker: WorkerState, command: Command, body: dict[str, Any]) -> None:
+        job_id, attempt = str(body.get("job")), body.get("attempt")
+        if not isinstance(attempt, int):
+            attempt = -1  # none sent: it matches no job this worker runs, nor any record's attempt
+        key = (job_id, attempt)
+        if command != Command.PARTIAL:
+            model = worker.end_job(key) or worker.end_job((job_id, 0))
+            if model is not None:
+                worker.jobs_done += 1
+                self._drain(model)
+        rec = self.jobs.get(job_id)
+        if rec is None or rec.job.attempt != attempt or rec.worker is not worker:
+            return  # a late message from an attempt the router gave up on
+        rec.last_activity = time.monotonic()
+        if command == Command.PARTIAL:
+            chunks = body.get("chunks")  # several pieces in one frame (a fast stream), else one
+            for chunk in chunks if isinstance(chunks, list) else [body.get("chunk") or {}]:
+                if not isinstance(chunk, dict):
+                    continue
+                if "text" in chunk:
+                    if not rec.text_so_far:
+                        self._observe("first_token", rec)
+                    rec.text_so_far += str(chunk["text"])
+                    rec.tokens_so_far += max(1, len(chunk.get("tokens") or ()))
+                if "step" in chunk:
+                    rec.progress = chunk
+                    self._observe("step", rec)
+                rec.events.put_nowait(("partial", chunk))
+        elif command == Command.FINAL:
+            self._finish(rec, "final", body.get("result") or {})
+        else:
+            code = str(body.get("code") or "internal_error")
+            if code == "busy":
+                self._fail_over(rec, f"worker {worker.name} was busy")
+                return
+            if code == "backend_restarted":  # stopped for another job's sake: no blame
+                self._fail_over(rec, f"the backend of worker {worker.name} was restarted")
+                return
+            if code == "backend_crashed":
+                self._crashed(rec, worker, body)
+                return
+            self._finish(rec, "error", ApiError(code, str(body.get("message") or code), body.get("details")))
+
+    def _crashed(self, rec: JobRecord, worker: WorkerState, body: dict[str, Any]) -> None:
+        """A backend process died while running the job (docs/protocol.md "Crashes"). A job that was alone in
+        it is to blame: after ``job_crash_limit`` such crashes it ends with ``job_crashed_backend`` and is
+        not retried. A job that shared the crash with others is retried alone (exclusive), so that a second
+        crash is its own."""
+        details = body.get("details")
+        if not isinstance(details, dict):
+            details = {}
+        alone = bool(details.get("alone"))
+        reason = str(details.get("reason") or "crashed")
+        if alone:
+            rec.crashes += 1
+        else:
+            rec.shared_crashes += 1
+            rec.job.exclusive = True
+        self._observe("crash", rec, worker=worker.name)
+        log.error("job %s crashed the backend of %s on worker %s (%s; %s; params %s)", rec.job.id, rec.job.model,
+                  worker.name, reason, "alone in it" if alone else f"with {details.get('jobs', '?')} jobs in it",
+                  params_digest(rec.job), extra={"job": rec.job.id, "worker": worker.name})
+        if rec.crashes >= self.job_crash_limit or rec.shared_crashes >= SHARED_CRASH_LIMIT:
+            crashes = rec.crashes + rec.shared_crashes
+            self._finish(rec, "error", ApiError(
+                "job_crashed_backend",
+                f"this request crashed the backend of model '{rec.job.model}' ({reason}); it was stopped after "
+                f"{crashes} crash{'es' if crashes > 1 else ''} and is not retried",
+                {"worker": worker.name, "reason": reason, "crashes": crashes}))
+            return
+        self._fail_over(rec, f"the backend of worker {worker.name} {reason}")
+
+    def _note_progress(self, worker: WorkerState, progress: dict[str, Any]) -> None:
+        """A job whose progress counter moved since the last heartbeat is not stuck."""
+        for job_id, count in progress.items():
+            rec = self.jobs.get(job_id)
+            if rec is not None and rec.worker is worker and count != rec.progress_count:
+                rec.progress_count = count
+                rec.last_activity = time.monotonic()
+
+    def _reconcile(self, worker: WorkerState, known: set[str], seen: int) -> None:
+        """A job the worker does not list in a heartbeat sent after it received a later REQUEST (``seen``
+        echoes the highest REQUEST sequence number it got) was lost or forgotten: run it elsewhere now
+        instead of waiting for the stall timeout. Jobs dispatched after ``seen`` may still be in flight."""
+        for job_id, attempt in list(worker.running):
+            rec = self.jobs.get(job_id)
+            if job_id in known or rec is None or rec.worker is not worker or rec.dispatch_seq > seen:
+                continue
+            worker.end_job((job_id, attempt))
+            self._fail_over(rec, f"worker {worker.name} does not know the job")
+
+    def _remove_worker(self, worker: WorkerState, why: str) -> None:
+        if self.workers.pop(worker.identity, None) is None:
+            return
+        log.warning("worker %s removed: %s (%d job(s) in flight)", worker.name, why, len(worker.running))
+        self._defaults.clear()
+        self.mesh_changed.set()
+        for job_id, _attempt in list(worker.running):
+            rec = self.jobs.get(job_id)
+            if rec is not None and rec.worker is worker:
+                self._fail_over(rec, f"worker {worker.name} {why}")
+        worker.clear_jobs()
+
+    # ---- timers ------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Purge expired workers and stalled jobs; called several times per heartbeat interval."""
+        now = time.monotonic()
+        expiry = self.heartbeat_ms * self.liveness / 1000
+        for worker in list(self.workers.values()):
+            if now - worker.last_seen > expiry:
+                self._remove_worker(worker, f"missed heartbeats for {now - worker.last_seen:.1f}s")
+        for rec in list(self.jobs.values()):
+            if rec.worker is not None and now - rec.last_activity > self.job_stall_s:
+                stuck = rec.worker
+                self._send_cancel(rec)
+                self._fail_over(rec, f"no progress on worker {stuck.name} for {self.job_stall_s:.0f}s")
+
+    def heartbeat(self) -> None:
+        frame = codec.encode(Command.HEARTBEAT)
+        for identity in list(self.workers):
+            self.send(identity, frame)
+
+    def abort_all(self, err: ApiError) -> None:
+        """End every job still open with ``err`` (router shutdown after its drain time)."""
+        for rec in list(self.jobs.values()):
+            self._send_cancel(rec)
+            self._finish(rec, "error", err)
+        for queue in self.queues.values():
+            queue.clear()
+
+    def shutdown(self) -> None:
+        self.accepting = False
+        frame = codec.encode(Command.DISCONNECT, {"reason": protocol.REASON_SHUTDOWN})
+        for identity in list(self.workers):
+            self.send(identity, frame)

@@ -1,0 +1,353 @@
+"""The worker's side of the mesh: one DEALER per router, heartbeats, reconnects, and jobs handed to the
+backend processes it supervises."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from typing import Any
+
+import zmq
+
+from velesio.mesh import codec, protocol
+from velesio.mesh.codec import COPY_THRESHOLD
+from velesio.mesh.jobs import Job
+from velesio.mesh.protocol import Command
+from velesio.mesh.reader import SocketReader
+
+from . import cpu
+from .models import LoadedModel, device_info
+from .supervisor import BackendProcess, RunningJob
+
+log = logging.getLogger("velesio.worker")
+
+_NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
+WATCH_EVERY_S = 0.1  # the backend processes' watchdog period
+RESHARE_EVERY_S = 2.0  # how often the worker looks for workers that joined or left its host
+
+
+class Worker:
+    """Serves models to one or more routers; each model's backend runs in a process this worker supervises
+    (worker/supervisor.py), so nothing a job does to a backend ends the worker or its mesh links."""
+
+    def __init__(self, *, name: str | None = None, heartbeat_ms: int = protocol.HEARTBEAT_MS,
+                 liveness: int = protocol.LIVENESS, drain_s: float = 30.0,
+                 partial_window_ms: float = protocol.PARTIAL_WINDOW_MS, curve: Any = None,
+                 registry: cpu.HostRegistry | None = None):
+        self.models: dict[str, LoadedModel] = {}
+        self.failures: list[dict[str, str]] = []
+        self.name = name or socket.gethostname()
+        self.heartbeat_ms = heartbeat_ms
+        self.liveness = liveness
+        self.drain_s = drain_s
+        self.partial_window_s = max(0.0, float(partial_window_ms)) / 1000
+        self.curve = curve
+        self.ctx = zmq.Context()
+        self.running: dict[tuple[str, int], RunningJob] = {}
+        self.links: list[RouterLink] = []
+        self.draining = False
+        self.jobs_done = 0
+        self.device = device_info()
+        self.registry = registry  # the workers of this host, who share its cores (worker/cpu.py)
+        self.threads = self.cpu_share()
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.name} models={list(self.models)} running={len(self.running)} done={self.jobs_done}>"
+
+    def serve_models(self, models: list[LoadedModel], failures: list[dict[str, str]]) -> None:
+        self.models = {m.config.name: m for m in models}
+        self.failures = failures
+
+    def cpu_share(self) -> int:
+        """The CPU threads this worker's backends may use: its share of the cores it may run on."""
+        workers = self.registry.peers() if self.registry is not None else 1
+        return cpu.thread_share(cpu.available_cores(), workers)
+
+    def reshare_threads(self) -> None:
+        """Another worker joined or left the host: give the backend processes the new share."""
+        threads = self.cpu_share()
+        if threads != self.threads:
+            log.info("CPU threads per backend: %d -> %d (workers on this host changed)", self.threads, threads)
+            self.threads = threads
+            for model in self.models.values():
+                model.process.set_threads(threads)
+
+    def refresh_memory(self) -> None:
+        self.device.update({k: v for k, v in device_info().items() if k.startswith("memory")})
+
+    def capabilities(self) -> dict[str, Any]:
+        self.refresh_memory()
+        return {"host": socket.gethostname(), "pid": os.getpid(), **self.device,
+                "models": [m.advert() for m in self.models.values()], "failures": self.failures,
+                "backends": self.backends()}
+
+    def load(self) -> dict[str, int]:
+        return {name: m.free for name, m in self.models.items()}
+
+    def backends(self) -> dict[str, dict[str, Any]]:
+        """Each model's backend process: state, crashes and restarts (heartbeats, the router's /health)."""
+        return {name: m.process.status() for name, m in self.models.items()}
+
+    async def serve(self, routers: list[str], stop: asyncio.Event) -> None:
+        self.links = [RouterLink(self, address) for address in routers]
+        tasks = [asyncio.create_task(link.run(stop)) for link in self.links]
+        tasks.append(asyncio.create_task(self._watch()))
+        await stop.wait()
+        # Drain: stop taking jobs, let running ones finish (bounded), then say goodbye.
+        self.draining = True
+        for link in self.links:
+            link.heartbeat()
+        deadline = time.monotonic() + self.drain_s
+        while self.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for rj in list(self.running.values()):
+            self.models[rj.model].process.cancel(rj)
+        for link in self.links:
+            link.send(Command.DISCONNECT, {"reason": protocol.REASON_LEAVING})
+        await asyncio.sleep(0.1)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(m.process.stop() for m in self.models.values()), return_exceptions=True)
+        for link in self.links:
+            link.close()
+        self.ctx.term()
+
+    async def _watch(self) -> None:
+        """The backend processes' watchdog (memory ceilings, job durations, cancel grace), and the CPU share."""
+        next_share = time.monotonic() + RESHARE_EVERY_S
+        while True:
+            await asyncio.sleep(WATCH_EVERY_S)
+            now = time.monotonic()
+            for model in self.models.values():
+                model.process.watch(now)
+            if now >= next_share:
+                next_share = now + RESHARE_EVERY_S
+                self.reshare_threads()
+
+    # ---- jobs --------------------------------------------------------------------------------
+    def start_job(self, link: RouterLink, body: dict[str, Any]) -> None:
+        """A REQUEST: take the model's slot (every slot for an exclusive job) and hand the job to its
+        backend process."""
+        if isinstance(body.get("seq"), int):
+            link.seen_seq = max(link.seen_seq, body["seq"])  # echoed in heartbeats
+        try:
+            job = Job.from_wire(body)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("bad REQUEST from %s: %s", link.address, exc)
+            return
+        model = self.models.get(job.model)
+        if model is None or job.op not in model.operations:
+            link.send(Command.ERROR, {"job": job.id, "attempt": job.attempt, "code": "model_not_found",
+                                      "message": f"this worker does not serve {job.op} on '{job.model}'"})
+            return
+        slots = model.config.slots if job.exclusive else 1
+        if self.draining or model.free < slots or (job.id, job.attempt) in self.running:
+            link.send(Command.ERROR, {"job": job.id, "attempt": job.attempt, "code": "busy", "message": "busy"})
+            return
+        process = model.process
+        rj = process.new_job(job.id, job.attempt, job.op, link, slots)
+        model.busy += slots
+        self.running[(job.id, job.attempt)] = rj
+        log.debug("job %s attempt %d: %s on %s", job.id, job.attempt, job.op, job.model)
+        window_s = self.partial_window_s if link.router_minor >= protocol.PARTIAL_CHUNKS_MINOR else 0.0
+        process.run(rj, body, window_s)
+
+    def _job_ended(self, rj: RunningJob) -> None:
+        """Free the job's slots before its router hears of the end: it may send the next job at once."""
+        if self.running.pop((rj.job_id, rj.attempt), None) is not None:
+            self.models[rj.model].busy -= rj.slots
+            self.jobs_done += 1
+
+    def backend_out(self, rj: RunningJob, frame: bytes) -> None:
+        rj.progress_n += 1
+        rj.link.send_frame(frame)
+
+    def backend_progress(self, rj: RunningJob, n: int) -> None:
+        rj.progress_n = n
+
+    def backend_end(self, rj: RunningJob, frame: bytes, outcome: str) -> None:
+        self._job_ended(rj)
+        log.info("job %s attempt %d on %s: %s", rj.job_id, rj.attempt, rj.model, outcome, extra={"job": rj.job_id})
+        rj.link.send_frame(frame)
+
+    def backend_lost(self, rj: RunningJob, code: str, message: str, details: dict[str, Any]) -> None:
+        self._job_ended(rj)
+        log.warning("job %s attempt %d on %s: %s (%s)", rj.job_id, rj.attempt, rj.model, code, message,
+                    extra={"job": rj.job_id})
+        rj.link.send(Command.ERROR, {"job": rj.job_id, "attempt": rj.attempt, "code": code, "message": message,
+                                     "details": details})
+
+    def backend_state(self, process: BackendProcess) -> None:
+        """A backend process went down or came back: tell every router now, not at the next beat."""
+        for link in self.links:
+            if link.welcomed:
+                link.heartbeat()
+
+    def cancel_job(self, body: dict[str, Any]) -> None:
+        attempt = body.get("attempt")
+        rj = self.running.get((str(body.get("job")), attempt if isinstance(attempt, int) else -1))
+        if rj is not None:
+            self.models[rj.model].process.cancel(rj, keep=bool(body.get("keep")))
+
+
+class RouterLink:
+    """One DEALER connection to one router, with Paranoid-Pirate style liveness and reconnects.
+
+    The DEALER is a plain ZeroMQ socket used only from the event loop: the loop reads it (mesh/reader.py,
+    as the router's broker does), sends READY and HEARTBEAT, and forwards the frames of the backend
+    processes. Any use of the socket may consume its descriptor's edge, so a send that finds frames
+    waiting schedules a read."""
+
+    def __init__(self, worker: Worker, address: str):
+        self.worker = worker
+        self.address = address
+        self.sock: zmq.Socket | None = None
+        self.welcomed = False
+        self.last_heard = 0.0
+        self.seen_seq = 0  # highest REQUEST sequence number received on this connection
+        self.router_minor = 0  # from WELCOME: what the router reads (protocol.PARTIAL_CHUNKS_MINOR)
+        self._reader: SocketReader | None = None
+
+    def send(self, command: Command, body: dict[str, Any] | None = None) -> None:
+        """Send now. Raises TypeError/ValueError for a body msgpack cannot carry."""
+        self.send_frame(codec.encode(command, body))
+
+    def send_frame(self, frame: bytes) -> None:
+        """Send a finished frame now (a backend process's PARTIAL, FINAL or ERROR, forwarded as it came)."""
+        sock = self.sock
+        if sock is None:
+            return
+        try:
+            # Never blocks: a DEALER queues for its router, and drops only at the high-water mark.
+            sock.send(frame, _NOBLOCK, copy=len(frame) < COPY_THRESHOLD)
+        except zmq.ZMQError as exc:
+            log.debug("send to %s failed: %s", self.address, exc)
+            return
+        # pyzmq types every option's value as int | bytes; ZMQ_EVENTS's is an int.
+        if sock.get(_EVENTS) & _POLLIN and self._reader is not None:  # type: ignore[operator]
+            self._reader.schedule()
+
+    def _read_one(self) -> bool:
+        sock = self.sock
+        if sock is None:
+            return False
+        try:
+            frame = sock.recv(_NOBLOCK)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            log.warning("mesh receive from %s failed: %s", self.address, exc)
+            return False
+        try:
+            command, body = codec.decode(frame)
+        except codec.DecodeError as exc:
+            log.warning("bad frame from router %s: %s", self.address, exc)
+            return True
+        self.last_heard = time.monotonic()
+        try:
+            self.process(command, body)
+        except Exception:  # never let one bad message stop the link
+            log.exception("error while processing a %s from router %s", command.name, self.address)
+        return True
+
+    def _connect(self, reader: SocketReader) -> None:
+        self.close()
+        sock = self.worker.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, f"{self.worker.name}-{uuid.uuid4().hex[:8]}".encode())
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        if self.worker.curve is not None:
+            self.worker.curve.apply_client(sock)
+        sock.connect(self.address)
+        self.sock = sock
+        self.welcomed = False
+        self.last_heard = time.monotonic()
+        self.greet()
+        reader.watch(sock.fileno())
+
+    def _jobs(self) -> list[RunningJob]:
+        """The jobs this router gave us that are still running."""
+        return [rj for rj in self.worker.running.values() if rj.link is self]
+
+    def greet(self) -> None:
+        self.seen_seq = 0  # a router that registers us anew numbers its REQUESTs from 1
+        running = {rj.job_id: rj.model for rj in self._jobs()}
+        self.send(Command.READY, {"version": protocol.VERSION, "worker": self.worker.name,
+                                  "capabilities": self.worker.capabilities(), "running": running})
+
+    def heartbeat(self) -> None:
+        progress = {rj.job_id: rj.progress_n for rj in self._jobs()}
+        self.worker.refresh_memory()
+        self.send(Command.HEARTBEAT, {"load": self.worker.load(), "jobs": list(progress), "progress": progress,
+                                      "seen": self.seen_seq, "backends": self.worker.backends(),
+                                      "draining": self.worker.draining,
+                                      "memory_free_mb": self.worker.device.get("memory_free_mb")})
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.unwatch()
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close(0)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Connect, then every heartbeat interval: beat (or greet until welcomed) and check the router is
+        alive; reconnect with backoff when it is silent too long. Frames are read by ``_read_one``."""
+        reader = self._reader = SocketReader(asyncio.get_running_loop(), self._read_one)
+        interval = self.worker.heartbeat_ms / 1000
+        backoff = protocol.RECONNECT_MIN_S
+        self._connect(reader)
+        log.info("connecting to router %s as %s", self.address, self.worker.name)
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                now = time.monotonic()
+                if now - self.last_heard > interval * self.worker.liveness:
+                    log.warning("router %s silent for %.1fs; reconnecting in %.2fs", self.address,
+                                now - self.last_heard, backoff)
+                    self.close()
+                    await asyncio.sleep(backoff + random.uniform(0, backoff / 4))
+                    backoff = min(backoff * 2, protocol.RECONNECT_MAX_S)
+                    self._connect(reader)
+                    continue
+                if now - self.last_heard < interval:
+                    backoff = protocol.RECONNECT_MIN_S
+                if self.welcomed:
+                    self.heartbeat()
+                else:
+                    self.greet()
+        finally:
+            self.close()
+
+    def process(self, command: Command, body: dict[str, Any]) -> None:
+        if command == Command.WELCOME:
+            if not self.welcomed:
+                log.info("registered with router %s", self.address)
+            self.welcomed = True
+            self.router_minor = protocol.minor(body.get("version"))
+        elif command == Command.REQUEST:
+            self.worker.start_job(self, body)
+        elif command == Command.CANCEL:
+            self.worker.cancel_job(body)
+        elif command == Command.DISCONNECT:
+            reason = body.get("reason")
+            if reason == protocol.REASON_UNKNOWN:
+                log.info("router %s does not know this worker (restarted?); announcing again", self.address)
+                self.welcomed = False
+                self.greet()
+            elif reason == protocol.REASON_VERSION:
+                log.error("router %s refused this worker: %s", self.address, body.get("message"))
+                self.last_heard = 0.0  # reconnect with backoff at the next beat, until an operator upgrades
+            else:
+                log.warning("router %s disconnected: %s", self.address, reason)
+                self.last_heard = 0.0  # reconnect with backoff at the next beat
+        elif command != Command.HEARTBEAT:
+            log.warning("unexpected %s from router %s", command.name, self.address)
