@@ -1,12 +1,14 @@
 """velesio-example-echo: the smallest useful Velesio backend (see docs/plugins.md).
 
 Serves one model, ``echo-1``, that streams the prompt (or the last chat message) back reversed word by
-word: deterministic, so it is easy to check end to end.
+word: deterministic, so it is easy to check end to end. It honours what every text backend must:
+``max_tokens``, ``stop`` (with ``StopMatcher``: a stop string is never streamed, even across pieces),
+``resume_text`` (failover: continue after the text an earlier attempt already streamed) and cancellation.
 """
 
 import time
 
-from velesio.backends import Backend, Cancelled, ModelConfig
+from velesio.backends import Backend, Cancelled, ModelConfig, StopMatcher
 
 __version__ = "0.1.0"
 
@@ -32,17 +34,50 @@ class EchoBackend(Backend):
         else:
             text = str(p.get("prompt") or "")
         words = text.split()[::-1]
-        limit = p.get("max_tokens")
-        limit = len(words) if limit is None or limit < 0 else min(limit, len(words))
-        out = []
-        for i in range(limit):
+        # The "tokens" of this model: one piece per word, its id the word's position.
+        pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
+
+        # resume_text: an earlier attempt streamed this much before its worker died. Skip the pieces it
+        # covers (the rest of a piece it cut short, too) and stream only what follows.
+        start, first = 0, None
+        done = str(p.get("resume_text") or "")
+        while start < len(pieces) and done.startswith(pieces[start]):
+            done = done[len(pieces[start]):]
+            start += 1
+        if done and start < len(pieces) and pieces[start].startswith(done):
+            first = pieces[start][len(done):]
+
+        limit = p.get("max_tokens")  # the router lowers it by what was already streamed
+        left = len(pieces) - start
+        limit = left if limit is None or limit < 0 else min(limit, left)
+        stops = p.get("stop") or []
+        matcher = StopMatcher([stops] if isinstance(stops, str) else list(stops))
+        out, held = [], []  # the text streamed; token ids of text the matcher still holds back
+        used = 0
+        for i in range(start, start + limit):
             if ctx.cancelled:
                 raise Cancelled("cancelled")
-            piece = words[i] if i == 0 else " " + words[i]
-            ctx.emit({"text": piece, "tokens": [i]})
-            out.append(piece)
+            used += 1
+            held.append(i)
+            shown = matcher.feed(first if i == start and first is not None else pieces[i])
+            if shown:
+                ctx.emit({"text": shown, "tokens": held})
+                out.append(shown)
+                held = []
+            if matcher.stopped is not None:
+                break
             time.sleep(self.delay_s)
-        truncated = limit < len(words)
-        return {"text": "".join(out), "finish_reason": "length" if truncated else "stop",
-                "stop_type": "limit" if truncated else "eos", "stopping_word": "",
-                "prompt_tokens": len(words), "completion_tokens": len(out), "timings": {}}
+        tail = matcher.flush()
+        if tail:
+            ctx.emit({"text": tail, "tokens": held})
+            out.append(tail)
+
+        if matcher.stopped is not None:
+            finish, stop_type = "stop", "word"
+        elif start + used < len(pieces):
+            finish, stop_type = "length", "limit"
+        else:
+            finish, stop_type = "stop", "eos"
+        return {"text": "".join(out), "finish_reason": finish, "stop_type": stop_type,
+                "stopping_word": matcher.stopped or "", "prompt_tokens": len(words), "completion_tokens": used,
+                "timings": {"prompt_n": len(words), "prompt_ms": 0.0, "predicted_n": used, "predicted_ms": 0.0}}

@@ -13,9 +13,11 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from velesio.mesh.jobs import Job
+from velesio.mesh.protocol import ERROR_CODES
 
 __all__ = [
     "API_VERSION",
+    "ERROR_CODES",
     "Backend",
     "BackendError",
     "Cancelled",
@@ -24,6 +26,8 @@ __all__ = [
     "JobContext",
     "ModelConfig",
     "NotSupported",
+    "StopMatcher",
+    "render_plain_chat",
 ]
 
 API_VERSION = 1
@@ -44,7 +48,8 @@ class ModelConfig:
 
 
 class BackendError(Exception):
-    """An error a client may see. ``code`` is one of the router's error codes."""
+    """An error a client may see. ``code`` is one of ``ERROR_CODES`` (velesio.mesh.protocol); a backend process
+    reports any other code as ``internal_error``, with a warning in its log."""
 
     code = "internal_error"
 
@@ -63,6 +68,13 @@ class ContextExceeded(BackendError):
 
 class Cancelled(BackendError):
     code = "cancelled"
+
+
+def reported_code(exc: BaseException) -> str:
+    """The error code a job ends with when ``run()`` raises ``exc``: a ``BackendError``'s ``code`` when it is
+    one of ``ERROR_CODES``, else ``internal_error`` (what worker/runner.py and velesio.testing apply)."""
+    code = exc.code if isinstance(exc, BackendError) else None
+    return code if isinstance(code, str) and code in ERROR_CODES else "internal_error"
 
 
 class JobContext:
@@ -141,3 +153,7 @@ class Backend(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - an optional hook: doing nothing is its default
         """Release the model."""
+
+
+# Helpers for text backends, importable from here (the stable module); defined in textutil.py.
+from velesio.backends.textutil import StopMatcher, render_plain_chat  # noqa: E402

@@ -42,6 +42,7 @@ from velesio.backends import (
     ModelConfig,
     NotSupported,
 )
+from velesio.backends.textutil import PLAIN_CHAT_STOPS, render_plain_chat
 from velesio.mesh.jobs import TEXT_DEFAULTS, Job
 
 __all__ = ["CTransformersBackend", "MODEL_TYPES", "render_chat", "CHAT_STOPS"]
@@ -54,23 +55,14 @@ GGUF_MAGIC = b"GGUF"
 GGML_MAGICS = {b"lmgg": "ggml", b"fmgg": "ggmf", b"tjgg": "ggjt"}  # little-endian 'ggml', 'ggmf', 'ggjt'
 
 # GGML files carry no chat template, so chat messages are rendered as "role: content" lines and the model
-# continues after "assistant:". Generation also stops where the model starts a new turn.
-CHAT_STOPS = ("\nuser:", "\nsystem:")
+# continues after "assistant:" (velesio.backends.render_plain_chat). Generation also stops where the model
+# starts a new turn.
+CHAT_STOPS = PLAIN_CHAT_STOPS
 
 
 def render_chat(messages: Any) -> str:
-    """``[{"role": "user", "content": "Hi"}]`` -> ``"user: Hi\\nassistant:"``."""
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("chat needs a non-empty list of messages")
-    lines = []
-    for m in messages:
-        if not isinstance(m, dict) or "role" not in m:
-            raise InvalidRequest("each message needs a role and a content")
-        content = m.get("content")
-        if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        lines.append(f"{m['role']}: {content or ''}\n")
-    return "".join(lines) + "assistant:"
+    """``[{"role": "user", "content": "Hi"}]`` -> ``"user: Hi\\nassistant:"`` (``render_plain_chat``'s prompt)."""
+    return render_plain_chat(messages)[0]
 
 
 def _hold_back(text: str, stops: list[str]) -> int:
@@ -206,8 +198,8 @@ class CTransformersBackend(Backend):
         if isinstance(p.get("stop"), str):
             stops = [p["stop"]] if p["stop"] else []
         if job.op == "chat":
-            prompt = render_chat(p.get("messages"))
-            stops += [s for s in CHAT_STOPS if s not in stops]
+            prompt, chat_stops = render_plain_chat(p.get("messages"))
+            stops += [s for s in chat_stops if s not in stops]
         else:
             prompt = p.get("prompt", "")
             if isinstance(prompt, list) and all(isinstance(x, str) for x in prompt) and len(prompt) == 1:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from velesio.backends import Backend, Cancelled, ContextExceeded, InvalidRequest, JobContext, ModelConfig, NotSupported
-from velesio.backends.textutil import StopMatcher, template_name
+from velesio.backends.textutil import StopMatcher, render_plain_chat, template_name
 from velesio.mesh.jobs import TEXT_DEFAULTS, Job
 from velesio.worker.cpu import available_cores
 
@@ -183,8 +183,7 @@ class LlamaCppBackend(Backend):
 
     def _render_chat(self, messages: list[dict[str, str]]) -> tuple[str, list[str]]:
         if self._formatter is None:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-            return text, ["\nuser:"]
+            return render_plain_chat(messages)
         # The router checked them: each a role and a string content, as llama_cpp's message types are.
         out = self._formatter(messages=cast("list[ChatCompletionRequestMessage]", messages))
         stop = out.stop if isinstance(out.stop, list) else [out.stop] if out.stop else []

@@ -1,6 +1,37 @@
-"""Helpers for text backends: stop sequences that span token boundaries, and chat-template names."""
+"""Helpers for text backends: stop sequences that span token boundaries, the plain chat rendering of a model
+without a chat template, and chat-template names. ``StopMatcher`` and ``render_plain_chat`` are re-exported by
+``velesio.backends`` for plugins."""
 
 from __future__ import annotations
+
+from typing import Any
+
+# A model without a chat template continues after "assistant:"; it has finished its turn where it starts
+# another one.
+PLAIN_CHAT_STOPS = ("\nuser:", "\nsystem:")
+
+
+def render_plain_chat(messages: Any) -> tuple[str, list[str]]:
+    """The chat fallback of a model without a chat template: ``(prompt, stops)``.
+
+    ``[{"role": "user", "content": "Hi"}]`` -> ``("user: Hi\\nassistant:", ["\\nuser:", "\\nsystem:"])``: one
+    ``role: content`` line per message, then ``assistant:``; generation should also stop at the returned stop
+    strings (a new turn), reported as the stopping word. OpenAI content parts keep their text parts. Raises
+    ``InvalidRequest`` when ``messages`` is not a non-empty list of messages with a role.
+    """
+    from velesio.backends import InvalidRequest  # here: velesio.backends imports this module
+
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("chat needs a non-empty list of messages")
+    lines = []
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m:
+            raise InvalidRequest("each message needs a role and a content")
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        lines.append(f"{m['role']}: {content or ''}\n")
+    return "".join(lines) + "assistant:", list(PLAIN_CHAT_STOPS)
 
 
 class StopMatcher:

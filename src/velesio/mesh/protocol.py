@@ -33,6 +33,12 @@ RECONNECT_MAX_S = 1.0  # keeps re-registration after a router restart under 2 s
 TEXT_OPERATIONS = ("completion", "chat", "tokenize", "detokenize", "apply_template", "embeddings")
 IMAGE_OPERATIONS = ("txt2img", "img2img")
 
+# The error codes a backend may raise (``velesio.backends.BackendError.code``, one exception class each), all
+# of them codes the router knows (router/errors.py). A backend process reports any other code, and any other
+# exception, as ``internal_error`` (worker/runner.py). Besides these, ERROR may carry the worker's own codes
+# (``busy``, ``backend_restarted``, ``backend_crashed``), which the router reads as failover or crash reports.
+ERROR_CODES = ("invalid_request", "not_supported", "context_exceeded", "cancelled", "internal_error")
+
 # Reasons carried by DISCONNECT.
 REASON_UNKNOWN = "unknown"  # router does not know this worker: send READY again now
 REASON_VERSION = "version"  # incompatible major version

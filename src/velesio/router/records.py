@@ -5,21 +5,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Callable
 from typing import Any
 
 from velesio.mesh.jobs import Job
 
 
 class WorkerState:
-    def __init__(self, identity: bytes, greeting: dict[str, Any]):
+    def __init__(self, identity: bytes, greeting: dict[str, Any], clock: Callable[[], float] = time.monotonic):
         self.identity = identity
+        self.clock = clock
         self.name = str(greeting.get("worker") or identity.decode(errors="replace"))
         self.version = str(greeting.get("version"))
-        self.update(greeting.get("capabilities") or {})
+        self.backends: dict[str, dict[str, Any]] = {}  # model -> its backend process (state, crashes, restarts)
+        self.update(greeting.get("capabilities") or {})  # after ``backends``: READY's capabilities carry them
         self.running: dict[tuple[str, int], tuple[str, int]] = {}  # (job id, attempt) -> (model, slots held);
         self.busy: dict[str, int] = {}  # model -> slots held; start_job / end_job / clear_jobs keep both
-        self.backends: dict[str, dict[str, Any]] = {}  # model -> its backend process (state, crashes, restarts)
-        self.last_seen = time.monotonic()
+        self.last_seen = clock()
         self.registered_at = time.time()
         self.jobs_done = 0
         self.last_dispatch = 0.0
@@ -92,7 +94,7 @@ class WorkerState:
                         **({"backend_process": self.backends[n]} if n in self.backends else {})}
                        for n, m in sorted(self.models.items())],
             "failures": self.caps.get("failures") or [],
-            "heartbeat_age_s": round(time.monotonic() - self.last_seen, 3),
+            "heartbeat_age_s": round(self.clock() - self.last_seen, 3),
         }
 
 
@@ -126,16 +128,17 @@ class JobEvents:
 class JobRecord:
     """A job accepted by the router, from submission to its one result or error."""
 
-    def __init__(self, job: Job):
+    def __init__(self, job: Job, clock: Callable[[], float] = time.monotonic):
         self.job = job
         self.events = JobEvents()
         self.worker: WorkerState | None = None
         self.text_so_far = ""
         self.tokens_so_far = 0
+        self.tokens_resumed = 0  # of tokens_so_far, those already taken off max_tokens by earlier failovers
         self.progress: dict[str, Any] = {}
         self.done = False
         self.created = time.time()
-        self.last_activity = time.monotonic()
+        self.last_activity = clock()
         self.failovers = 0
         self.progress_count = -1
         self.dispatch_seq = 0

@@ -44,8 +44,9 @@ class Scheduler:
                  heartbeat_ms: int = protocol.HEARTBEAT_MS, liveness: int = protocol.LIVENESS,
                  job_stall_s: float = 60.0, worker_wait_s: float = 5.0,
                  default_models: dict[str, str | None] | None = None, router_name: str = "router",
-                 job_crash_limit: int = JOB_CRASH_LIMIT):
+                 job_crash_limit: int = JOB_CRASH_LIMIT, clock: Callable[[], float] = time.monotonic):
         self.send = send
+        self.clock = clock  # what liveness, stalls and dispatch times are measured with (tests move it by hand)
         self.queue_max = queue_max
         self.heartbeat_ms = heartbeat_ms
         self.liveness = liveness
@@ -98,6 +99,7 @@ class Scheduler:
     # ---- submission --------------------------------------------------------------------------
     async def resolve_model(self, op: str, model: str | None) -> str:
         """The model a job runs on; waits briefly for workers when none offers it yet."""
+        # Real time, not ``clock``: this waits on the event loop, which runs on real time.
         deadline = time.monotonic() + self.worker_wait_s
         while True:
             name = model or self._default_model(op)
@@ -142,7 +144,7 @@ class Scheduler:
         if len(queue) >= self.queue_max and not self._candidates(job):
             raise ApiError("queue_full", f"the queue for model '{job.model}' is full ({self.queue_max} jobs)",
                            {"queue_depth": len(queue)}, headers={"Retry-After": "2"})
-        rec = JobRecord(job)
+        rec = JobRecord(job, self.clock)
         self.jobs[job.id] = rec
         queue.append(rec)
         self._drain(job.model)
@@ -197,11 +199,11 @@ class Scheduler:
             self._finish(rec, "error", ApiError("invalid_request", "the request cannot be sent to a worker"))
             return
         rec.worker = worker
-        rec.last_activity = time.monotonic()
+        rec.last_activity = self.clock()
         rec.dispatch_seq = worker.seq
         slots = int(worker.models[rec.job.model]["slots"]) if rec.job.exclusive else 1
         worker.start_job((rec.job.id, rec.job.attempt), rec.job.model, slots)
-        worker.last_dispatch = time.monotonic()
+        worker.last_dispatch = self.clock()
         self.send(worker.identity, frame)
         self._observe("dispatch", rec)
 
@@ -236,7 +238,8 @@ class Scheduler:
             job.params["resume_text"] = rec.text_so_far
             budget = job.params.get("max_tokens", -1)
             if isinstance(budget, int) and budget > 0:
-                job.params["max_tokens"] = budget - rec.tokens_so_far
+                job.params["max_tokens"] = budget - (rec.tokens_so_far - rec.tokens_resumed)
+                rec.tokens_resumed = rec.tokens_so_far
                 if job.params["max_tokens"] <= 0:
                     self._finish(rec, "final", {"text": "", "finish_reason": "length", "stop_type": "limit",
                                                 "completion_tokens": 0, "resumed": True})
@@ -259,7 +262,7 @@ class Scheduler:
             return
         worker = self.workers.get(identity)
         if worker is not None:
-            worker.last_seen = time.monotonic()
+            worker.last_seen = self.clock()
         if command == Command.READY:
             self._process_ready(identity, body)
             return
@@ -301,7 +304,7 @@ class Scheduler:
             return
         worker = self.workers.get(identity)
         if worker is None:
-            worker = WorkerState(identity, body)
+            worker = WorkerState(identity, body, self.clock)
             self.workers[identity] = worker
             log.info("worker %s joined: %s", worker.name, ", ".join(sorted(worker.models)) or "no models")
         else:
@@ -332,7 +335,7 @@ class Scheduler:
         rec = self.jobs.get(job_id)
         if rec is None or rec.job.attempt != attempt or rec.worker is not worker:
             return  # a late message from an attempt the router gave up on
-        rec.last_activity = time.monotonic()
+        rec.last_activity = self.clock()
         if command == Command.PARTIAL:
             chunks = body.get("chunks")  # several pieces in one frame (a fast stream), else one
             for chunk in chunks if isinstance(chunks, list) else [body.get("chunk") or {}]:
@@ -397,7 +400,7 @@ class Scheduler:
             rec = self.jobs.get(job_id)
             if rec is not None and rec.worker is worker and count != rec.progress_count:
                 rec.progress_count = count
-                rec.last_activity = time.monotonic()
+                rec.last_activity = self.clock()
 
     def _reconcile(self, worker: WorkerState, known: set[str], seen: int) -> None:
         """A job the worker does not list in a heartbeat sent after it received a later REQUEST (``seen``
@@ -407,8 +410,10 @@ class Scheduler:
             rec = self.jobs.get(job_id)
             if job_id in known or rec is None or rec.worker is not worker or rec.dispatch_seq > seen:
                 continue
-            worker.end_job((job_id, attempt))
+            model = worker.end_job((job_id, attempt))
             self._fail_over(rec, f"worker {worker.name} does not know the job")
+            if model is not None:
+                self._drain(model)  # the freed slot, when the job ended instead of running again
 
     def _remove_worker(self, worker: WorkerState, why: str) -> None:
         if self.workers.pop(worker.identity, None) is None:
@@ -425,7 +430,7 @@ class Scheduler:
     # ---- timers ------------------------------------------------------------------------------
     def tick(self) -> None:
         """Purge expired workers and stalled jobs; called several times per heartbeat interval."""
-        now = time.monotonic()
+        now = self.clock()
         expiry = self.heartbeat_ms * self.liveness / 1000
         for worker in list(self.workers.values()):
             if now - worker.last_seen > expiry:

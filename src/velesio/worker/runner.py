@@ -24,11 +24,11 @@ import time
 from typing import Any
 
 from velesio import loop as event_loop
-from velesio.backends import Backend, BackendError, JobContext, ModelConfig
+from velesio.backends import Backend, BackendError, JobContext, ModelConfig, reported_code
 from velesio.logs import setup_logging
 from velesio.mesh import codec
 from velesio.mesh.jobs import Job
-from velesio.mesh.protocol import Command
+from velesio.mesh.protocol import ERROR_CODES, Command
 
 from . import ipc
 from .jobthreads import JobThreads
@@ -180,8 +180,13 @@ class Runner:
                     **base, "code": "internal_error",
                     "message": f"the backend of model {self.name} returned an unsendable result"}), "internal_error"
         elif isinstance(exc, BackendError):
-            frame, outcome = codec.encode(Command.ERROR, {**base, "code": exc.code,
-                                                          "message": str(exc) or exc.code}), exc.code
+            code = reported_code(exc)
+            if code != exc.code:  # a code the router does not know: say so here, where the backend is named
+                log.warning("job %s: backend %s (model %s) raised %s with error code %r, which is not one of %s; "
+                            "reported as internal_error", job.id, getattr(self.backend, "name", "?"), self.name,
+                            type(exc).__name__, exc.code, ", ".join(ERROR_CODES))
+            frame, outcome = codec.encode(Command.ERROR, {**base, "code": code,
+                                                          "message": str(exc) or code}), code
         else:
             log.error("job %s failed: %s: %s", job.id, type(exc).__name__, exc, exc_info=exc)
             frame, outcome = codec.encode(Command.ERROR, {

@@ -210,6 +210,7 @@ class RouterLink:
         self.sock: zmq.Socket | None = None
         self.welcomed = False
         self.last_heard = 0.0
+        self.disconnected = False  # the router said DISCONNECT: reconnect at the next beat
         self.seen_seq = 0  # highest REQUEST sequence number received on this connection
         self.router_minor = 0  # from WELCOME: what the router reads (protocol.PARTIAL_CHUNKS_MINOR)
         self._reader: SocketReader | None = None
@@ -310,9 +311,10 @@ class RouterLink:
             while True:
                 await asyncio.sleep(interval)
                 now = time.monotonic()
-                if now - self.last_heard > interval * self.worker.liveness:
-                    log.warning("router %s silent for %.1fs; reconnecting in %.2fs", self.address,
-                                now - self.last_heard, backoff)
+                if self.disconnected or now - self.last_heard > interval * self.worker.liveness:
+                    why = "disconnected us" if self.disconnected else f"silent for {now - self.last_heard:.1f}s"
+                    log.warning("router %s %s; reconnecting in %.2fs", self.address, why, backoff)
+                    self.disconnected = False
                     self.close()
                     await asyncio.sleep(backoff + random.uniform(0, backoff / 4))
                     backoff = min(backoff * 2, protocol.RECONNECT_MAX_S)
@@ -345,9 +347,9 @@ class RouterLink:
                 self.greet()
             elif reason == protocol.REASON_VERSION:
                 log.error("router %s refused this worker: %s", self.address, body.get("message"))
-                self.last_heard = 0.0  # reconnect with backoff at the next beat, until an operator upgrades
+                self.disconnected = True  # reconnect with backoff at the next beat, until an operator upgrades
             else:
                 log.warning("router %s disconnected: %s", self.address, reason)
-                self.last_heard = 0.0  # reconnect with backoff at the next beat
+                self.disconnected = True  # reconnect with backoff at the next beat
         elif command != Command.HEARTBEAT:
             log.warning("unexpected %s from router %s", command.name, self.address)
