@@ -10,10 +10,11 @@ import signal
 import time
 from typing import Any
 
+import msgpack
 import pytest
 import requests
 
-from conftest import SMOLLM2
+from conftest import SMOLLM2, FakeRouter
 
 FAULTY = {"name": "faulty", "backend": "benchmark", "slots": 1, "options": {"faults": True, "reply": "fine"}}
 
@@ -167,3 +168,30 @@ def test_a_client_leaving_a_job_stuck_in_native_code_frees_its_slot(start_router
     assert state["crashes"] == 0  # a restart for the stuck job's sake, not a crash
     assert complete(router, "next").status_code == 200
     assert proc.alive()
+
+
+def test_a_cancel_for_a_job_the_worker_does_not_run_is_answered(start_worker):
+    """A router that cancels a job whose REQUEST never reached the worker hears that it is over, so the
+    slot it counts as taken is freed (a real worker under a bare ROUTER socket)."""
+    router = FakeRouter(timeout_ms=30000)
+    fake = router.sock
+    proc = start_worker(router, "canceller", [FAULTY], wait=False)
+    try:
+        identity, frame = fake.recv_multipart()
+        assert msgpack.unpackb(frame)[0] == 1  # READY
+        fake.send_multipart([identity, msgpack.packb([2, {"version": "1.2", "router": "fake",
+                                                          "heartbeat_ms": 750, "liveness": 3}])])
+        fake.send_multipart([identity, msgpack.packb([8, {"job": "j-lost", "attempt": 3, "keep": False}])])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            fake.send_multipart([identity, msgpack.packb([3, {}])])
+            if not fake.poll(250):
+                continue
+            command, body = msgpack.unpackb(fake.recv_multipart()[1])
+            if command == 7:
+                assert body["job"] == "j-lost" and body["attempt"] == 3 and body["code"] == "cancelled"
+                return
+        raise AssertionError("no answer to the CANCEL")
+    finally:
+        fake.close()
+        proc.stop()

@@ -189,11 +189,16 @@ class Worker:
             if link.welcomed:
                 link.heartbeat()
 
-    def cancel_job(self, body: dict[str, Any]) -> None:
+    def cancel_job(self, link: RouterLink, body: dict[str, Any]) -> None:
         attempt = body.get("attempt")
         rj = self.running.get((str(body.get("job")), attempt if isinstance(attempt, int) else -1))
         if rj is not None:
             self.models[rj.model].process.cancel(rj, keep=bool(body.get("keep")))
+        elif isinstance(attempt, int):
+            # A job this worker does not run (its REQUEST was lost, or it has just ended): say it is over,
+            # so that a router still counting its slot as taken frees it. A router that saw the end drops this.
+            link.send(Command.ERROR, {"job": str(body.get("job")), "attempt": attempt, "code": "cancelled",
+                                      "message": "cancelled"})
 
 
 class RouterLink:
@@ -338,7 +343,7 @@ class RouterLink:
         elif command == Command.REQUEST:
             self.worker.start_job(self, body)
         elif command == Command.CANCEL:
-            self.worker.cancel_job(body)
+            self.worker.cancel_job(self, body)
         elif command == Command.DISCONNECT:
             reason = body.get("reason")
             if reason == protocol.REASON_UNKNOWN:

@@ -340,6 +340,21 @@ class BackendProcess:
         jobs, self.jobs = self.jobs, {}
         crashed = kill is None or kill.crash
         blamed = kill.blame if kill else {}
+        restart = self.state == "ready"
+        if restart:
+            if crashed:
+                self.crashes += 1
+                self.last_crash = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {why}"
+                log.error("model %s: backend process %s %s with %d job(s) in it; restarting", self.name,
+                          proc.pid, why, len(jobs))
+            else:
+                log.warning("model %s: backend process %s restarted (%s)", self.name, proc.pid, why)
+            stable = time.monotonic() - self._ready_since >= STABLE_S
+            self._quick_crashes = 0 if stable else self._quick_crashes + 1
+            # The routers hear that the model is down before they hear of its jobs, so that the jobs they
+            # move are not sent straight back here to be refused.
+            self.state = "restarting"
+            self.events.backend_state(self)
         for rj in jobs.values():
             if rj.key in blamed:
                 code, message = blamed[rj.key]
@@ -351,18 +366,7 @@ class BackendProcess:
             else:
                 self.events.backend_lost(rj, "backend_restarted",
                                          f"the backend process of model {self.name} was restarted ({why})", {})
-        if self.state == "ready":
-            if crashed:
-                self.crashes += 1
-                self.last_crash = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {why}"
-                log.error("model %s: backend process %s %s with %d job(s) in it; restarting", self.name,
-                          proc.pid, why, len(jobs))
-            else:
-                log.warning("model %s: backend process %s restarted (%s)", self.name, proc.pid, why)
-            stable = time.monotonic() - self._ready_since >= STABLE_S
-            self._quick_crashes = 0 if stable else self._quick_crashes + 1
-            self.state = "restarting"
-            self.events.backend_state(self)
+        if restart:
             self._track(self._restart())
 
     async def _restart(self) -> None:
