@@ -13,6 +13,7 @@ import requests
 import zmq
 
 from conftest import SMOLLM2, FakeRouter, free_port
+from velesio.mesh.protocol import VERSION
 
 LONG = {"prompt": "Write a very long story about a dragon:", "max_tokens": 1500, "temperature": 0.8,
         "ignore_eos": True}
@@ -131,7 +132,7 @@ def test_router_refuses_other_major_version(start_router):
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 3000)
     sock.connect(router.mesh)
-    sock.send(msgpack.packb([1, {"version": "2.0", "worker": "from-the-future", "capabilities": {}}]))
+    sock.send(msgpack.packb([1, {"version": "3.0", "worker": "from-the-future", "capabilities": {}}]))
     command, body = msgpack.unpackb(sock.recv())
     sock.close()
     assert command == 9 and body["reason"] == "version"
@@ -146,8 +147,8 @@ def test_worker_logs_refusal(start_worker, spawn, tmp_path):
     proc = start_worker(router, "old-worker", [SMOLLM2], wait=False)
     identity, frame = fake.recv_multipart()
     assert msgpack.unpackb(frame)[0] == 1  # READY
-    fake.send_multipart([identity, msgpack.packb([9, {"reason": "version", "version": "2.0",
-                                                      "message": "router speaks mesh protocol 2.0"}])])
+    fake.send_multipart([identity, msgpack.packb([9, {"reason": "version", "version": "3.0",
+                                                      "message": "router speaks mesh protocol 3.0"}])])
     deadline = time.monotonic() + 10
     while "refused this worker" not in proc.log and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -166,7 +167,7 @@ def test_job_a_worker_does_not_know_moves_elsewhere(start_router, start_worker):
     fake.connect(router.mesh)
     model = {"name": "smollm2-135m-instruct", "backend": "llama-cpp", "kind": "text",
              "operations": ["completion"], "slots": 1, "meta": {"n_ctx": 2048}}
-    fake.send(msgpack.packb([1, {"version": "1.0", "worker": "forgetful", "capabilities": {"models": [model]}}]))
+    fake.send(msgpack.packb([1, {"version": VERSION, "worker": "forgetful", "capabilities": {"models": [model]}}]))
     assert msgpack.unpackb(fake.recv())[0] == 2  # WELCOME
     result = {}
     t = threading.Thread(target=lambda: result.setdefault("r", router.post("/completion",

@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from conftest import SMOLLM2, FakeRouter
+from velesio.mesh.protocol import VERSION
 
 FAULTY = {"name": "faulty", "backend": "benchmark", "slots": 1, "options": {"faults": True, "reply": "fine"}}
 
@@ -179,7 +180,7 @@ def test_a_cancel_for_a_job_the_worker_does_not_run_is_answered(start_worker):
     try:
         identity, frame = fake.recv_multipart()
         assert msgpack.unpackb(frame)[0] == 1  # READY
-        fake.send_multipart([identity, msgpack.packb([2, {"version": "1.2", "router": "fake",
+        fake.send_multipart([identity, msgpack.packb([2, {"version": VERSION, "router": "fake",
                                                           "heartbeat_ms": 750, "liveness": 3}])])
         fake.send_multipart([identity, msgpack.packb([8, {"job": "j-lost", "attempt": 3, "keep": False}])])
         deadline = time.monotonic() + 30

@@ -1,1 +1,1 @@
-"""The Velesio mesh protocol (VMP/1), shared by the router and the worker. See docs/protocol.md."""
+"""The Velesio mesh protocol (VMP/2), shared by the router and the worker. See docs/protocol.md."""

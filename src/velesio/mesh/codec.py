@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import msgpack
@@ -20,7 +21,8 @@ class DecodeError(ValueError):
 _COMMANDS: dict[int, Command] = {int(c): c for c in Command}
 
 
-def encode(command: Command, body: dict[str, Any] | None = None) -> bytes:
+def encode(command: Command, body: Mapping[str, Any] | None = None) -> bytes:
+    """``body``: one of messages.py's bodies (None: ``{}``)."""
     return msgpack.packb([int(command), body or {}], use_bin_type=True)
 
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
+
+from . import messages
 
 
 def new_job_id() -> str:
@@ -23,15 +26,13 @@ class Job:
     attempt: int = 1
     exclusive: bool = False  # run alone in its backend (a job retried after a crash it shared with others)
 
-    def to_wire(self) -> dict[str, Any]:
-        wire = {"id": self.id, "attempt": self.attempt, "op": self.op, "model": self.model,
-                "stream": self.stream, "params": self.params}
-        if self.exclusive:
-            wire["exclusive"] = True
-        return wire
+    def to_wire(self, seq: int | None = None) -> messages.Request:
+        """The REQUEST body (``seq``: the worker registration's REQUEST number)."""
+        return messages.request(self.id, self.attempt, self.op, self.model, self.stream, self.params,
+                                exclusive=self.exclusive, seq=seq)
 
     @classmethod
-    def from_wire(cls, body: dict[str, Any]) -> Job:
+    def from_wire(cls, body: Mapping[str, Any]) -> Job:
         return cls(op=str(body["op"]), model=str(body["model"]), params=dict(body.get("params") or {}),
                    stream=bool(body.get("stream")), id=str(body["id"]), attempt=int(body.get("attempt", 1)),
                    exclusive=bool(body.get("exclusive")))

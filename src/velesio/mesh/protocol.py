@@ -1,10 +1,11 @@
-"""Protocol constants: command values, version and heartbeat timing (docs/protocol.md)."""
+"""Protocol constants: command values, version, error codes and heartbeat timing (docs/protocol.md). The
+message bodies and their constructors are in ``messages.py``."""
 
 from __future__ import annotations
 
 import enum
 
-VERSION = "1.2"  # 1.1: PARTIAL may carry several pieces as ``chunks``; 1.2: backend processes (crashes, exclusive)
+VERSION = "2.0"  # 2.0: PARTIAL always carries ``chunks`` (a list); a 1.x peer is refused
 MAJOR = VERSION.split(".")[0]
 
 
@@ -35,9 +36,13 @@ IMAGE_OPERATIONS = ("txt2img", "img2img")
 
 # The error codes a backend may raise (``velesio.backends.BackendError.code``, one exception class each), all
 # of them codes the router knows (router/errors.py). A backend process reports any other code, and any other
-# exception, as ``internal_error`` (worker/runner.py). Besides these, ERROR may carry the worker's own codes
-# (``busy``, ``backend_restarted``, ``backend_crashed``), which the router reads as failover or crash reports.
+# exception, as ``internal_error`` (worker/runner.py).
 ERROR_CODES = ("invalid_request", "not_supported", "context_exceeded", "cancelled", "internal_error")
+
+# The mesh's own codes: sent in ERROR by a worker (``busy``, ``backend_crashed``, ``backend_restarted``,
+# ``timeout``, ``model_not_found``), which the router reads as failover or crash reports, or given by the
+# router to a job no worker can take (``no_worker``).
+MESH_ERROR_CODES = ("busy", "backend_crashed", "backend_restarted", "timeout", "model_not_found", "no_worker")
 
 # Reasons carried by DISCONNECT.
 REASON_UNKNOWN = "unknown"  # router does not know this worker: send READY again now
@@ -51,13 +56,4 @@ def compatible(version: object) -> bool:
     return isinstance(version, str) and version.split(".")[0] == MAJOR
 
 
-def minor(version: object) -> int:
-    """The minor number of a compatible peer's VERSION (0 when it cannot be read)."""
-    try:
-        return int(str(version).split(".")[1])
-    except (IndexError, ValueError):
-        return 0
-
-
-PARTIAL_CHUNKS_MINOR = 1  # routers from 1.1 read PARTIAL ``chunks``; a worker sends one piece each to older ones
 PARTIAL_WINDOW_MS = 50  # a worker's default window for sending a stream's pieces together (worker/partials.py)

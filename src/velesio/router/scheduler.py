@@ -12,7 +12,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from velesio.mesh import codec, protocol
+import msgpack
+
+from velesio.mesh import codec, messages, protocol
 from velesio.mesh.jobs import Job
 from velesio.mesh.protocol import Command
 
@@ -32,7 +34,7 @@ SHARED_CRASH_LIMIT = 2  # backends a job may be in when they crash among other j
 def params_digest(job: Job) -> str:
     """What a log may say of a job's parameters: a digest and their sizes, never the prompt or the token."""
     try:
-        packed = codec.encode(Command.REQUEST, {"op": job.op, "params": job.params})
+        packed = msgpack.packb([job.op, job.params], use_bin_type=True)
     except Exception:  # noqa: BLE001 - parameters that cannot be packed were refused before dispatch
         packed = repr(sorted(job.params)).encode()
     sizes = ",".join(f"{k}={len(v)}" for k, v in sorted(job.params.items()) if isinstance(v, (str, list, dict)))
@@ -167,8 +169,8 @@ class Scheduler:
     def _send_cancel(self, rec: JobRecord, keep: bool = False) -> None:
         """Tell the worker running ``rec`` (if any) to stop it; ``keep``: return what is done (A1111 interrupt)."""
         if rec.worker is not None:
-            self.send(rec.worker.identity, codec.encode(Command.CANCEL, {
-                "job": rec.job.id, "attempt": rec.job.attempt, "keep": keep}))
+            frame = codec.encode(Command.CANCEL, messages.cancel(rec.job.id, rec.job.attempt, keep))
+            self.send(rec.worker.identity, frame)
 
     # ---- dispatch ----------------------------------------------------------------------------
     def _candidates(self, job: Job) -> list[WorkerState]:
@@ -193,7 +195,7 @@ class Scheduler:
     def _dispatch(self, rec: JobRecord, worker: WorkerState) -> None:
         worker.seq += 1
         try:
-            frame = codec.encode(Command.REQUEST, {**rec.job.to_wire(), "seq": worker.seq})
+            frame = codec.encode(Command.REQUEST, rec.job.to_wire(worker.seq))
         except Exception as exc:  # parameters msgpack cannot carry: the dialect let something odd through
             log.error("job %s cannot be encoded: %s", rec.job.id, exc)
             self._finish(rec, "error", ApiError("invalid_request", "the request cannot be sent to a worker"))
@@ -268,7 +270,7 @@ class Scheduler:
             return
         if worker is None:
             if command != Command.DISCONNECT:
-                self.send(identity, codec.encode(Command.DISCONNECT, {"reason": protocol.REASON_UNKNOWN}))
+                self.send(identity, codec.encode(Command.DISCONNECT, messages.disconnect(protocol.REASON_UNKNOWN)))
             return
         if command == Command.HEARTBEAT:
             if "memory_free_mb" in body:
@@ -298,9 +300,8 @@ class Scheduler:
         if not protocol.compatible(version):
             log.error("refusing worker %r: it speaks mesh protocol %r, this router speaks %s",
                       name, version, protocol.VERSION)
-            self.send(identity, codec.encode(Command.DISCONNECT, {
-                "reason": protocol.REASON_VERSION, "version": protocol.VERSION,
-                "message": f"router speaks mesh protocol {protocol.VERSION}, worker sent {version}"}))
+            self.send(identity, codec.encode(Command.DISCONNECT, messages.disconnect(
+                protocol.REASON_VERSION, f"router speaks mesh protocol {protocol.VERSION}, worker sent {version}")))
             return
         worker = self.workers.get(identity)
         if worker is None:
@@ -315,9 +316,8 @@ class Scheduler:
                 worker.start_job((job_id, 0), model)
         self.known_models.update(worker.models)
         self._defaults.clear()
-        self.send(identity, codec.encode(Command.WELCOME, {
-            "version": protocol.VERSION, "router": self.router_name,
-            "heartbeat_ms": self.heartbeat_ms, "liveness": self.liveness}))
+        self.send(identity, codec.encode(Command.WELCOME, messages.welcome(self.router_name, self.heartbeat_ms,
+                                                                            self.liveness)))
         self.mesh_changed.set()
         for model in worker.models:
             self._drain(model)
@@ -337,8 +337,8 @@ class Scheduler:
             return  # a late message from an attempt the router gave up on
         rec.last_activity = self.clock()
         if command == Command.PARTIAL:
-            chunks = body.get("chunks")  # several pieces in one frame (a fast stream), else one
-            for chunk in chunks if isinstance(chunks, list) else [body.get("chunk") or {}]:
+            chunks = body.get("chunks")  # the pieces, in order (a fast stream sends several in one frame)
+            for chunk in chunks if isinstance(chunks, list) else ():
                 if not isinstance(chunk, dict):
                     continue
                 if "text" in chunk:
@@ -456,6 +456,6 @@ class Scheduler:
 
     def shutdown(self) -> None:
         self.accepting = False
-        frame = codec.encode(Command.DISCONNECT, {"reason": protocol.REASON_SHUTDOWN})
+        frame = codec.encode(Command.DISCONNECT, messages.disconnect(protocol.REASON_SHUTDOWN))
         for identity in list(self.workers):
             self.send(identity, frame)

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
-from velesio.mesh import codec, protocol
+from velesio.mesh import codec, messages, protocol
 from velesio.mesh.jobs import Job
 from velesio.mesh.protocol import Command
 from velesio.router.records import JobRecord
@@ -124,7 +124,7 @@ class FakeMesh:
         raise AssertionError(f"no REQUEST for job {request['id']} attempt {request['attempt']}")
 
     # ---- speaking for workers ----------------------------------------------------------------
-    def deliver(self, identity: bytes, command: Command, body: dict[str, Any] | None = None) -> None:
+    def deliver(self, identity: bytes, command: Command, body: Mapping[str, Any] | None = None) -> None:
         """A frame from a worker, as the broker hands it to the scheduler."""
         self.scheduler.process_worker(identity, codec.encode(command, body))
 
@@ -137,45 +137,33 @@ class FakeMesh:
                                             "slots": slots} for name in models]}
         if backends is not None:
             caps["backends"] = dict(backends)
-        self.deliver(identity, Command.READY, {"version": version, "worker": identity.decode(),
-                                               "capabilities": caps, "running": dict(running or {})})
+        self.deliver(identity, Command.READY, messages.ready(identity.decode(), caps, dict(running or {}), version))
 
     def heartbeat(self, identity: bytes, *, jobs: Sequence[str] | None = None,
                   progress: Mapping[str, int] | None = None, seen: int | None = None,
                   backends: Mapping[str, dict[str, Any]] | None = None, draining: bool | None = None) -> None:
         """HEARTBEAT with only the fields given (a bare one is just a sign of life)."""
-        body: dict[str, Any] = {}
-        if jobs is not None:
-            body["jobs"] = list(jobs)
-        if progress is not None:
-            body["progress"] = dict(progress)
-        if seen is not None:
-            body["seen"] = seen
-        if backends is not None:
-            body["backends"] = dict(backends)
-        if draining is not None:
-            body["draining"] = draining
-        self.deliver(identity, Command.HEARTBEAT, body)
+        self.deliver(identity, Command.HEARTBEAT, messages.worker_heartbeat(
+            jobs=None if jobs is None else list(jobs), progress=None if progress is None else dict(progress),
+            seen=seen, draining=draining,
+            # Entries as given: a test may send only the keys it needs.
+            backends=None if backends is None else cast("dict[str, messages.BackendStatus]", dict(backends))))
 
     def partial(self, identity: bytes, request: dict[str, Any], text: str | None = None, *,
                 tokens: Sequence[int] | None = None, chunk: dict[str, Any] | None = None) -> None:
         """PARTIAL for the attempt of ``request``: a text piece (one token unless ``tokens``), or ``chunk``."""
         if chunk is None:
             chunk = {"text": text or "", "tokens": list(tokens) if tokens is not None else [0]}
-        self.deliver(identity, Command.PARTIAL, {"job": request["id"], "attempt": request["attempt"],
-                                                 "chunk": chunk})
+        self.deliver(identity, Command.PARTIAL, messages.partial(request["id"], request["attempt"], [chunk]))
 
     def final(self, identity: bytes, request: dict[str, Any], result: dict[str, Any] | None = None) -> None:
-        self.deliver(identity, Command.FINAL, {"job": request["id"], "attempt": request["attempt"],
-                                               "result": result if result is not None else {"text": "ok"}})
+        self.deliver(identity, Command.FINAL, messages.final(request["id"], request["attempt"],
+                                                             result if result is not None else {"text": "ok"}))
 
     def error(self, identity: bytes, request: dict[str, Any], code: str, message: str | None = None,
               details: dict[str, Any] | None = None) -> None:
-        body: dict[str, Any] = {"job": request["id"], "attempt": request["attempt"], "code": code,
-                                "message": message or code}
-        if details is not None:
-            body["details"] = details
-        self.deliver(identity, Command.ERROR, body)
+        self.deliver(identity, Command.ERROR, messages.error(request["id"], request["attempt"], code, message or code,
+                                                             details))
 
     def crash(self, identity: bytes, request: dict[str, Any], *, alone: bool, jobs: int = 1,
               reason: str = "killed by SIGABRT") -> None:
@@ -185,4 +173,4 @@ class FakeMesh:
 
     def leave(self, identity: bytes, reason: str = protocol.REASON_LEAVING) -> None:
         """DISCONNECT from the worker: it is going away."""
-        self.deliver(identity, Command.DISCONNECT, {"reason": reason})
+        self.deliver(identity, Command.DISCONNECT, messages.disconnect(reason))

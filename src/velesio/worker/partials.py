@@ -1,8 +1,9 @@
 """A running job's PARTIALs. The first piece goes at once; a piece that comes sooner than ``window_s``
 after the last PARTIAL waits for the window to end and goes with the others that came meanwhile, in one
-frame (``chunks``, docs/protocol.md). A stream then costs the router, the ZeroMQ threads and the client one
-wake-up per window instead of one per token; on two cores shared with llama.cpp's threads every wake-up
-takes time from generation (docs/performance.md). The router still writes one SSE event per piece."""
+frame (PARTIAL ``chunks`` is a list, even of one piece: docs/protocol.md). A stream then costs the router,
+the ZeroMQ threads and the client one wake-up per window instead of one per token; on two cores shared with
+llama.cpp's threads every wake-up takes time from generation (docs/performance.md). The router still writes
+one SSE event per piece."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any, Protocol
 
+from velesio.mesh import messages
 from velesio.mesh.protocol import Command
 
 log = logging.getLogger("velesio.worker")
@@ -20,7 +23,7 @@ log = logging.getLogger("velesio.worker")
 class Link(Protocol):
     """Where the PARTIALs go: in a backend process, the pipe to its worker (runner.py's ``_PipeLink``)."""
 
-    def send(self, command: Command, body: dict[str, Any]) -> None: ...
+    def send(self, command: Command, body: Mapping[str, Any]) -> None: ...
 
 
 class PartialBatch:
@@ -59,12 +62,7 @@ class PartialBatch:
     def _send(self, now: float) -> None:
         chunks, self._pending = self._pending, []
         self._last_sent = now
-        body: dict[str, Any] = {"job": self.job_id, "attempt": self.attempt}
-        if len(chunks) == 1:
-            body["chunk"] = chunks[0]
-        else:
-            body["chunks"] = chunks
         try:
-            self.link.send(Command.PARTIAL, body)
+            self.link.send(Command.PARTIAL, messages.partial(self.job_id, self.attempt, chunks))
         except (TypeError, ValueError) as exc:  # a piece msgpack cannot carry (a backend bug)
             log.error("job %s: dropping %d piece(s) that cannot be sent: %s", self.job_id, len(chunks), exc)

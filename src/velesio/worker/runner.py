@@ -21,12 +21,13 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from velesio import loop as event_loop
 from velesio.backends import Backend, BackendError, JobContext, ModelConfig, reported_code
 from velesio.logs import setup_logging
-from velesio.mesh import codec
+from velesio.mesh import codec, messages
 from velesio.mesh.jobs import Job
 from velesio.mesh.protocol import ERROR_CODES, Command
 
@@ -47,7 +48,7 @@ class _PipeLink:
     def __init__(self, pipe: ipc.BlockingPipe, key: int):
         self.pipe, self.key = pipe, key
 
-    def send(self, command: Command, body: dict[str, Any]) -> None:
+    def send(self, command: Command, body: Mapping[str, Any]) -> None:
         self.pipe.send([ipc.OUT, self.key, codec.encode(command, body)])
 
 
@@ -95,9 +96,10 @@ class Runner:
             except Exception as exc:  # the job still ends with its one ERROR
                 log.exception("backend process %s: cannot start a job", self.name)
                 wire = message[2] if isinstance(message[2], dict) else {}
-                self.pipe.send([ipc.END, message[1], codec.encode(Command.ERROR, {
-                    "job": wire.get("id"), "attempt": wire.get("attempt"), "code": "internal_error",
-                    "message": f"the job could not be started: {type(exc).__name__}"}), "internal_error"])
+                attempt = wire.get("attempt")
+                self.pipe.send([ipc.END, message[1], codec.encode(Command.ERROR, messages.error(
+                    str(wire.get("id")), attempt if isinstance(attempt, int) else -1, "internal_error",
+                    f"the job could not be started: {type(exc).__name__}")), "internal_error"])
         elif kind == ipc.CANCEL:
             ctx = self.jobs.get(message[1])
             if ctx is not None:
@@ -170,28 +172,27 @@ class Runner:
             result, exc = None, err
         partials.flush()
         self.jobs.pop(key, None)
-        base = {"job": job.id, "attempt": job.attempt}
         if exc is None:
             try:
-                frame, outcome = codec.encode(Command.FINAL, {**base, "result": result}), "ok"
+                frame, outcome = codec.encode(Command.FINAL, messages.final(job.id, job.attempt, result)), "ok"
             except (TypeError, ValueError) as err:  # a result msgpack cannot carry (a backend bug)
                 log.error("job %s: the result of %s cannot be sent: %s", job.id, self.name, err)
-                frame, outcome = codec.encode(Command.ERROR, {
-                    **base, "code": "internal_error",
-                    "message": f"the backend of model {self.name} returned an unsendable result"}), "internal_error"
+                frame, outcome = codec.encode(Command.ERROR, messages.error(
+                    job.id, job.attempt, "internal_error",
+                    f"the backend of model {self.name} returned an unsendable result")), "internal_error"
         elif isinstance(exc, BackendError):
             code = reported_code(exc)
             if code != exc.code:  # a code the router does not know: say so here, where the backend is named
                 log.warning("job %s: backend %s (model %s) raised %s with error code %r, which is not one of %s; "
                             "reported as internal_error", job.id, getattr(self.backend, "name", "?"), self.name,
                             type(exc).__name__, exc.code, ", ".join(ERROR_CODES))
-            frame, outcome = codec.encode(Command.ERROR, {**base, "code": code,
-                                                          "message": str(exc) or code}), code
+            frame, outcome = codec.encode(Command.ERROR, messages.error(job.id, job.attempt, code,
+                                                                        str(exc) or code)), code
         else:
             log.error("job %s failed: %s: %s", job.id, type(exc).__name__, exc, exc_info=exc)
-            frame, outcome = codec.encode(Command.ERROR, {
-                **base, "code": "internal_error",
-                "message": f"the backend failed: {type(exc).__name__}: {exc}"}), "internal_error"
+            frame, outcome = codec.encode(Command.ERROR, messages.error(
+                job.id, job.attempt, "internal_error", f"the backend failed: {type(exc).__name__}: {exc}")), \
+                "internal_error"
         self.pipe.send([ipc.END, key, frame, outcome])
 
     def close(self) -> None:

@@ -10,11 +10,12 @@ import random
 import socket
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import zmq
 
-from velesio.mesh import codec, protocol
+from velesio.mesh import codec, messages, protocol
 from velesio.mesh.codec import COPY_THRESHOLD
 from velesio.mesh.jobs import Job
 from velesio.mesh.protocol import Command
@@ -89,7 +90,7 @@ class Worker:
     def load(self) -> dict[str, int]:
         return {name: m.free for name, m in self.models.items()}
 
-    def backends(self) -> dict[str, dict[str, Any]]:
+    def backends(self) -> dict[str, messages.BackendStatus]:
         """Each model's backend process: state, crashes and restarts (heartbeats, the router's /health)."""
         return {name: m.process.status() for name, m in self.models.items()}
 
@@ -108,7 +109,7 @@ class Worker:
         for rj in list(self.running.values()):
             self.models[rj.model].process.cancel(rj)
         for link in self.links:
-            link.send(Command.DISCONNECT, {"reason": protocol.REASON_LEAVING})
+            link.send(Command.DISCONNECT, messages.disconnect(protocol.REASON_LEAVING))
         await asyncio.sleep(0.1)
         for task in tasks:
             task.cancel()
@@ -143,20 +144,19 @@ class Worker:
             return
         model = self.models.get(job.model)
         if model is None or job.op not in model.operations:
-            link.send(Command.ERROR, {"job": job.id, "attempt": job.attempt, "code": "model_not_found",
-                                      "message": f"this worker does not serve {job.op} on '{job.model}'"})
+            link.send(Command.ERROR, messages.error(job.id, job.attempt, "model_not_found",
+                                                    f"this worker does not serve {job.op} on '{job.model}'"))
             return
         slots = model.config.slots if job.exclusive else 1
         if self.draining or model.free < slots or (job.id, job.attempt) in self.running:
-            link.send(Command.ERROR, {"job": job.id, "attempt": job.attempt, "code": "busy", "message": "busy"})
+            link.send(Command.ERROR, messages.error(job.id, job.attempt, "busy", "busy"))
             return
         process = model.process
         rj = process.new_job(job.id, job.attempt, job.op, link, slots)
         model.busy += slots
         self.running[(job.id, job.attempt)] = rj
         log.debug("job %s attempt %d: %s on %s", job.id, job.attempt, job.op, job.model)
-        window_s = self.partial_window_s if link.router_minor >= protocol.PARTIAL_CHUNKS_MINOR else 0.0
-        process.run(rj, body, window_s)
+        process.run(rj, body, self.partial_window_s)
 
     def _job_ended(self, rj: RunningJob) -> None:
         """Free the job's slots before its router hears of the end: it may send the next job at once."""
@@ -180,8 +180,7 @@ class Worker:
         self._job_ended(rj)
         log.warning("job %s attempt %d on %s: %s (%s)", rj.job_id, rj.attempt, rj.model, code, message,
                     extra={"job": rj.job_id})
-        rj.link.send(Command.ERROR, {"job": rj.job_id, "attempt": rj.attempt, "code": code, "message": message,
-                                     "details": details})
+        rj.link.send(Command.ERROR, messages.error(rj.job_id, rj.attempt, code, message, details))
 
     def backend_state(self, process: BackendProcess) -> None:
         """A backend process went down or came back: tell every router now, not at the next beat."""
@@ -197,8 +196,7 @@ class Worker:
         elif isinstance(attempt, int):
             # A job this worker does not run (its REQUEST was lost, or it has just ended): say it is over,
             # so that a router still counting its slot as taken frees it. A router that saw the end drops this.
-            link.send(Command.ERROR, {"job": str(body.get("job")), "attempt": attempt, "code": "cancelled",
-                                      "message": "cancelled"})
+            link.send(Command.ERROR, messages.error(str(body.get("job")), attempt, "cancelled", "cancelled"))
 
 
 class RouterLink:
@@ -217,10 +215,9 @@ class RouterLink:
         self.last_heard = 0.0
         self.disconnected = False  # the router said DISCONNECT: reconnect at the next beat
         self.seen_seq = 0  # highest REQUEST sequence number received on this connection
-        self.router_minor = 0  # from WELCOME: what the router reads (protocol.PARTIAL_CHUNKS_MINOR)
         self._reader: SocketReader | None = None
 
-    def send(self, command: Command, body: dict[str, Any] | None = None) -> None:
+    def send(self, command: Command, body: Mapping[str, Any] | None = None) -> None:
         """Send now. Raises TypeError/ValueError for a body msgpack cannot carry."""
         self.send_frame(codec.encode(command, body))
 
@@ -286,16 +283,15 @@ class RouterLink:
     def greet(self) -> None:
         self.seen_seq = 0  # a router that registers us anew numbers its REQUESTs from 1
         running = {rj.job_id: rj.model for rj in self._jobs()}
-        self.send(Command.READY, {"version": protocol.VERSION, "worker": self.worker.name,
-                                  "capabilities": self.worker.capabilities(), "running": running})
+        self.send(Command.READY, messages.ready(self.worker.name, self.worker.capabilities(), running))
 
     def heartbeat(self) -> None:
         progress = {rj.job_id: rj.progress_n for rj in self._jobs()}
         self.worker.refresh_memory()
-        self.send(Command.HEARTBEAT, {"load": self.worker.load(), "jobs": list(progress), "progress": progress,
-                                      "seen": self.seen_seq, "backends": self.worker.backends(),
-                                      "draining": self.worker.draining,
-                                      "memory_free_mb": self.worker.device.get("memory_free_mb")})
+        self.send(Command.HEARTBEAT, messages.worker_heartbeat(
+            load=self.worker.load(), jobs=list(progress), progress=progress, seen=self.seen_seq,
+            backends=self.worker.backends(), draining=self.worker.draining,
+            memory_free_mb=self.worker.device.get("memory_free_mb")))
 
     def close(self) -> None:
         if self._reader is not None:
@@ -336,10 +332,17 @@ class RouterLink:
 
     def process(self, command: Command, body: dict[str, Any]) -> None:
         if command == Command.WELCOME:
+            version = body.get("version")
+            if not protocol.compatible(version):  # a router of another major version (it should have refused us)
+                message = f"worker speaks mesh protocol {protocol.VERSION}, router sent {version}"
+                log.error("refusing router %s: %s", self.address, message)
+                self.send(Command.DISCONNECT, messages.disconnect(protocol.REASON_VERSION, message))
+                self.welcomed = False
+                self.disconnected = True  # reconnect with backoff at the next beat, until an operator upgrades
+                return
             if not self.welcomed:
                 log.info("registered with router %s", self.address)
             self.welcomed = True
-            self.router_minor = protocol.minor(body.get("version"))
         elif command == Command.REQUEST:
             self.worker.start_job(self, body)
         elif command == Command.CANCEL:

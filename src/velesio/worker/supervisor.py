@@ -23,7 +23,7 @@ import time
 from typing import Any, Protocol
 
 from velesio.backends import Backend, ModelConfig
-from velesio.mesh import codec
+from velesio.mesh import codec, messages
 from velesio.mesh.protocol import Command
 
 from . import ipc
@@ -195,11 +195,11 @@ class BackendProcess:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> messages.BackendStatus:
         """Advertised in READY and heartbeats, shown by the router's /health."""
-        return {"state": self.state, "pid": self.pid, "crashes": self.crashes, "restarts": self.restarts,
-                "last_crash": self.last_crash, "memory_mb": round(self.rss_mb) if self.rss_mb else None,
-                "memory_limit_mb": self.memory_limit_mb, "max_job_s": self.limits.max_job_s}
+        return messages.backend_status(self.state, self.pid, self.crashes, self.restarts, self.last_crash,
+                                       round(self.rss_mb) if self.rss_mb else None, self.memory_limit_mb,
+                                       self.limits.max_job_s)
 
     # ---- life cycle ----------------------------------------------------------------------------
     async def start(self) -> str | None:
@@ -315,8 +315,8 @@ class BackendProcess:
                 self._loaded.set_result(str(message[1]))
 
     def _timeout_frame(self, rj: RunningJob) -> bytes:
-        return codec.encode(Command.ERROR, {"job": rj.job_id, "attempt": rj.attempt, "code": "timeout",
-                                            "message": timeout_message(self.name, self.limits.max_job_s)})
+        return codec.encode(Command.ERROR, messages.error(rj.job_id, rj.attempt, "timeout",
+                                                          timeout_message(self.name, self.limits.max_job_s)))
 
     async def _ended(self, proc: subprocess.Popen) -> None:
         """The process closed its pipe: it died (or was stopped). Settle its jobs, then restart it."""
