@@ -225,11 +225,9 @@ class BackendProcess:
             self._proc = subprocess.Popen(args, pass_fds=(theirs.fileno(),), env=env)
         except OSError as exc:
             ours.close()
-            theirs.close()
             return f"cannot start a backend process: {exc}"
         finally:
-            if not theirs._closed:  # type: ignore[attr-defined]
-                theirs.close()
+            theirs.close()  # the child has its own copy
         closed = loop.create_future()
         transport, _ = await loop.create_unix_connection(lambda: _PipeProtocol(self, closed), sock=ours)
         self._transport = transport
