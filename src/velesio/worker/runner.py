@@ -132,13 +132,13 @@ class Runner:
                 backend.set_threads(self.threads)
             operations = list(meta.get("operations") or cls.operations)
             meta = {k: v for k, v in meta.items() if k != "operations"}
-            self.pipe.send([ipc.LOADED, meta, operations])
         except BaseException as exc:  # noqa: BLE001 - a model that fails to load is reported, not fatal
             log.error("model %s (%s) failed to load: %s: %s", config.get("name"), config.get("backend"),
                       type(exc).__name__, exc)
             self.pipe.send([ipc.LOAD_FAILED, f"{type(exc).__name__}: {exc}"])
             return
-        self.backend = backend
+        self.backend = backend  # before LOADED: the first job may follow it at once
+        self.pipe.send([ipc.LOADED, meta, operations])
 
     def start_job(self, key: int, wire: dict[str, Any], window_s: float) -> None:
         if self.loop is None:
