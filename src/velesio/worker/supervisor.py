@@ -396,7 +396,7 @@ class BackendProcess:
         self.rss_mb = anonymous_memory_mb(proc.pid)
         if self.memory_limit_mb and self.rss_mb and self.rss_mb > self.memory_limit_mb:
             self.kill(_Kill(f"memory ceiling exceeded ({self.rss_mb:.0f} MB > max_memory_mb "
-                                     f"{self.memory_limit_mb} MB)", crash=True))
+                            f"{self.memory_limit_mb} MB)", crash=True))
             return
         blame: dict[int, tuple[str, str]] = {}
         for rj in self.jobs.values():
@@ -412,7 +412,7 @@ class BackendProcess:
                     blame[rj.key] = ("cancelled", "cancelled")
         if blame:
             self.kill(_Kill(f"{len(blame)} job(s) did not stop within cancel_grace_s "
-                                     f"({self.limits.cancel_grace_s:g} s) of being stopped", blame=blame))
+                            f"({self.limits.cancel_grace_s:g} s) of being stopped", blame=blame))
 
     def kill(self, kill: _Kill) -> None:
         log.error("model %s: killing backend process %s: %s", self.name, self.pid, kill.why)
