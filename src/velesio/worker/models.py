@@ -13,7 +13,7 @@ from typing import Any
 from velesio.backends import Backend, ModelConfig
 from velesio.plugins.discovery import discover
 
-from .supervisor import BackendLimits, BackendProcess, Events
+from .supervisor import BackendLimits, BackendProcess, Events, meminfo_mb
 
 log = logging.getLogger("velesio.worker")
 
@@ -148,10 +148,7 @@ def device_info() -> dict[str, Any]:
         info.update(device=f"cuda:0 {torch.cuda.get_device_name(0)}", memory_total_mb=total // 2**20,
                     memory_free_mb=free // 2**20)
         return info
-    try:
-        with open("/proc/meminfo") as f:
-            mem = {line.split(":")[0]: int(line.split()[1]) for line in f if len(line.split()) >= 2}
-        info.update(memory_total_mb=mem["MemTotal"] // 1024, memory_free_mb=mem["MemAvailable"] // 1024)
-    except (OSError, KeyError, ValueError):
-        pass
+    mem = meminfo_mb()
+    if "MemTotal" in mem and "MemAvailable" in mem:
+        info.update(memory_total_mb=mem["MemTotal"], memory_free_mb=mem["MemAvailable"])
     return info

@@ -152,7 +152,7 @@ class Worker:
             link.send(Command.ERROR, messages.error(job.id, job.attempt, "busy", "busy"))
             return
         process = model.process
-        rj = process.new_job(job.id, job.attempt, job.op, link, slots)
+        rj = process.new_job(job.id, job.attempt, link, slots)
         model.busy += slots
         self.running[(job.id, job.attempt)] = rj
         log.debug("job %s attempt %d: %s on %s", job.id, job.attempt, job.op, job.model)

@@ -46,17 +46,18 @@ class BackendLimits:
     cancel_grace_s: float = 10.0  # a cancelled job still running after this long is ended by a restart
 
 
-def host_memory_mb() -> int | None:
-    """The memory this host (or this container's cgroup) has, in MB."""
-    total = None
+def meminfo_mb() -> dict[str, int]:
+    """/proc/meminfo in MB (MemTotal, MemAvailable, ...); empty where it cannot be read."""
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    total = int(line.split()[1]) // 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
+            return {line.split(":")[0]: int(line.split()[1]) // 1024 for line in f if len(line.split()) >= 2}
+    except (OSError, ValueError):
+        return {}
+
+
+def host_memory_mb() -> int | None:
+    """The memory this host (or this container's cgroup) has, in MB."""
+    total = meminfo_mb().get("MemTotal")
     try:
         with open("/sys/fs/cgroup/memory.max") as f:
             raw = f.read().strip()
@@ -109,11 +110,11 @@ class _Kill:
 class RunningJob:
     """The worker's record of one job attempt it runs."""
 
-    __slots__ = ("key", "job_id", "attempt", "model", "op", "link", "started", "progress_n", "cancel_at",
+    __slots__ = ("key", "job_id", "attempt", "model", "link", "started", "progress_n", "cancel_at",
                  "timed_out", "slots")
 
-    def __init__(self, key: int, job_id: str, attempt: int, model: str, op: str, link: Any, slots: int = 1):
-        self.key, self.job_id, self.attempt, self.model, self.op, self.link = key, job_id, attempt, model, op, link
+    def __init__(self, key: int, job_id: str, attempt: int, model: str, link: Any, slots: int = 1):
+        self.key, self.job_id, self.attempt, self.model, self.link = key, job_id, attempt, model, link
         self.started = time.monotonic()
         self.progress_n = 0  # reported in heartbeats: the router's proof that the job is not stuck
         self.cancel_at: float | None = None
@@ -263,9 +264,9 @@ class BackendProcess:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # ---- jobs ------------------------------------------------------------------------------------
-    def new_job(self, job_id: str, attempt: int, op: str, link: Any, slots: int = 1) -> RunningJob:
+    def new_job(self, job_id: str, attempt: int, link: Any, slots: int = 1) -> RunningJob:
         self._next_key += 1
-        return RunningJob(self._next_key, job_id, attempt, self.name, op, link, slots)
+        return RunningJob(self._next_key, job_id, attempt, self.name, link, slots)
 
     def run(self, rj: RunningJob, wire: dict[str, Any], window_s: float) -> None:
         self.jobs[rj.key] = rj
