@@ -27,7 +27,7 @@ PACED_SHARES = (0.25, 0.5)
 
 def in_process(n: int = 20000) -> dict[str, float]:
     """The benchmark backend's run() called directly, n times: what a request costs with no router."""
-    from velesio.backends import JobContext, ModelConfig
+    from velesio.backends import JobContext, ModelConfig, TextParams
     from velesio.backends.benchmark import BenchmarkBackend
     from velesio.mesh.jobs import Job
 
@@ -36,7 +36,7 @@ def in_process(n: int = 20000) -> dict[str, float]:
     times = []
     perf = time.perf_counter
     for _ in range(n):
-        job = Job(op="completion", model="benchmark-echo", params={"prompt": "Hello", "max_tokens": 16})
+        job = Job(op="completion", model="benchmark-echo", params=TextParams(prompt="Hello", max_tokens=16))
         t0 = perf()
         backend.run(job, JobContext(job, lambda chunk: None))
         times.append(perf() - t0)

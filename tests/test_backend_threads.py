@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from velesio.backends import JobContext, ModelConfig
+from velesio.backends import ImageParams, JobContext, ModelConfig, TextParams, TextResult
 from velesio.mesh.jobs import Job
 from velesio.worker.cpu import available_cores
 
@@ -34,10 +34,12 @@ def context_threads(b) -> set[tuple[int, int]]:
             | {(llm.n_threads, llm.n_threads_batch) for llm in b._llms})
 
 
-def complete(b, emit=lambda chunk: None, n: int = 8) -> dict[str, Any]:
+def complete(b, emit=lambda chunk: None, n: int = 8) -> TextResult:
     job = Job(op="completion", model=b.config.name,
-              params={"prompt": "The sea is", "max_tokens": n, "ignore_eos": True, "seed": 1})
-    return b.run(job, JobContext(job, emit))
+              params=TextParams(prompt="The sea is", max_tokens=n, ignore_eos=True, seed=1))
+    result = b.run(job, JobContext(job, emit))
+    assert isinstance(result, TextResult)
+    return result
 
 
 def test_llama_takes_the_workers_share_and_follows_it() -> None:
@@ -48,7 +50,7 @@ def test_llama_takes_the_workers_share_and_follows_it() -> None:
         assert context_threads(b) == {(1, 1)}
         b.set_threads(2)
         assert context_threads(b) == {(2, 2)} and (b.n_threads, b.n_threads_batch) == (2, 2)
-        assert complete(b)["completion_tokens"] == 8
+        assert complete(b).completion_tokens == 8
         b.set_threads(0)  # never below one
         assert context_threads(b) == {(1, 1)}
     finally:
@@ -68,7 +70,7 @@ def test_llama_share_changes_while_a_job_runs() -> None:
 
     try:
         result = complete(b, emit, n=12)
-        assert result["completion_tokens"] == 12 and "".join(pieces) == result["text"]
+        assert result.completion_tokens == 12 and "".join(pieces) == result.text
         assert context_threads(b) == {(2, 2)}
     finally:
         b.close()
@@ -143,7 +145,7 @@ def job_threads(b) -> int:
     params = {"prompt": "a lighthouse", "negative_prompt": "", "width": 64, "height": 64, "steps": 2,
               "cfg_scale": 7.0, "sampler_name": "Euler", "scheduler": "automatic", "seed": 1, "subseed": 1,
               "batch_size": 1, "n_iter": 1, "send_images": True}
-    job = Job(op="txt2img", model=b.config.name, params=params)
+    job = Job(op="txt2img", model=b.config.name, params=ImageParams(**params))
     b.run(job, JobContext(job, emit))
     assert seen and len(set(seen)) == 1
     return seen[0]

@@ -200,8 +200,8 @@ def test_image_result_parsing():
 
 def image_routes_available() -> str | None:
     """Why images cannot be tested here, or None when they can."""
-    if importlib.util.find_spec("velesio.router.a1111_routes") is None:
-        return "the router has no AUTOMATIC1111 routes (velesio.router.a1111_routes is not installed)"
+    if importlib.util.find_spec("velesio.router.dialects.a1111") is None:
+        return "the router has no AUTOMATIC1111 routes (velesio.router.dialects.a1111 is not installed)"
     if importlib.util.find_spec("diffusers") is None:
         return "the diffusers backend is not installed"
     return None

@@ -12,10 +12,11 @@ import pytest
 pytest.importorskip("ctransformers")
 pytest.importorskip("numpy")
 
-from velesio.backends import BackendError, Cancelled, ContextExceeded, JobContext, ModelConfig  # noqa: E402
+from velesio.backends import BackendError, Cancelled, ContextExceeded, JobContext, ModelConfig, TextParams  # noqa: E402
 from velesio.backends.ctransformers import CTransformersBackend, render_chat  # noqa: E402
 from velesio.backends.ggml_gpt2 import GGML_MAGIC, vocab, write_tiny_gpt2  # noqa: E402
 from velesio.mesh.jobs import Job  # noqa: E402
+from velesio.mesh.params import params_from_wire  # noqa: E402
 
 SEED = 42
 
@@ -36,7 +37,7 @@ def backend(model_path):
 
 def run(backend, op, params, on_chunk=None):
     chunks = []
-    job = Job(op=op, model="tiny-gpt2", params=params)
+    job = Job(op=op, model="tiny-gpt2", params=params_from_wire(op, params))  # the mesh's defaults for the rest
     ctx = JobContext(job, lambda c: (chunks.append(c), on_chunk and on_chunk(ctx, c)))
     return backend.run(job, ctx), chunks
 
@@ -68,49 +69,48 @@ def test_load_meta(backend):
 def test_completion_streams_each_token(backend):
     result, chunks = run(backend, "completion", {"prompt": "Hello world", "max_tokens": 8, "seed": SEED})
     assert len(chunks) == 8
-    assert "".join(c["text"] for c in chunks) == result["text"]
+    assert "".join(c["text"] for c in chunks) == result.text
     assert [t for c in chunks for t in c["tokens"]] and all(len(c["tokens"]) == 1 for c in chunks)
-    assert result["finish_reason"] == "length" and result["stop_type"] == "limit"
-    assert result["completion_tokens"] == 8 and result["prompt_tokens"] == 2  # "Hello", " world"
-    t = result["timings"]
-    assert t["predicted_n"] == 8 and t["prompt_ms"] >= 0 and t["predicted_ms"] > 0
-    assert result["text"].isprintable()
+    assert result.finish_reason == "length" and result.stop_type == "limit"
+    assert result.completion_tokens == 8 and result.prompt_tokens == 2  # "Hello", " world"
+    assert result.prompt_ms >= 0 and result.predicted_ms > 0
+    assert result.text.isprintable()
 
 
 def test_same_seed_same_text_and_greedy(backend):
     a, _ = run(backend, "completion", {"prompt": "The mesh", "max_tokens": 12, "seed": 7})
     b, _ = run(backend, "completion", {"prompt": "The mesh", "max_tokens": 12, "seed": 7})
-    assert a["text"] == b["text"]
+    assert a.text == b.text
     g1, _ = run(backend, "completion", {"prompt": "The mesh", "max_tokens": 12, "temperature": 0})
     g2, _ = run(backend, "completion", {"prompt": "The mesh", "max_tokens": 12, "temperature": 0, "seed": 1})
-    assert g1["text"] == g2["text"]
+    assert g1.text == g2.text
 
 
 def test_stop_sequence_across_tokens(backend):
     params = {"prompt": "Once upon a time", "max_tokens": 40, "seed": SEED}
     free, _ = run(backend, "completion", params)
-    text = free["text"]
+    text = free.text
     assert len(text) > 20
     stop = text[9:14]  # five characters from the middle: likely spans a token boundary
     cut = text.index(stop)
     result, chunks = run(backend, "completion", {**params, "stop": [stop]})
-    assert result["text"] == text[:cut]
+    assert result.text == text[:cut]
     assert "".join(c["text"] for c in chunks) == text[:cut]
-    assert result["finish_reason"] == "stop" and result["stop_type"] == "word"
-    assert result["stopping_word"] == stop
+    assert result.finish_reason == "stop" and result.stop_type == "word"
+    assert result.stopping_word == stop
     # A stop string that never appears changes nothing.
     result, chunks = run(backend, "completion", {**params, "stop": ["\x00never"]})
-    assert result["text"] == text and result["stop_type"] == "limit"
+    assert result.text == text and result.stop_type == "limit"
 
 
 def test_max_tokens_zero_and_minus_one(backend):
     result, chunks = run(backend, "completion", {"prompt": "Hello", "max_tokens": 0})
-    assert result["text"] == "" and chunks == [] and result["completion_tokens"] == 0
-    assert result["finish_reason"] == "length" and result["prompt_tokens"] == 1
+    assert result.text == "" and chunks == [] and result.completion_tokens == 0
+    assert result.finish_reason == "length" and result.prompt_tokens == 1
     result, _ = run(backend, "completion", {"prompt": "Hello", "max_tokens": -1, "seed": SEED,
                                             "ignore_eos": True})
-    assert result["completion_tokens"] == 128 - 1  # until the context (128) is full
-    assert result["finish_reason"] == "length"
+    assert result.completion_tokens == 128 - 1  # until the context (128) is full
+    assert result.finish_reason == "length"
 
 
 def test_cancel(backend):
@@ -124,17 +124,17 @@ def test_cancel(backend):
         run(backend, "completion", {"prompt": "Hello", "max_tokens": 50, "seed": SEED}, cancel_after_two)
     assert len(seen) == 2
     # keep_partial (A1111-style interrupt) returns what was made so far
-    job = Job(op="completion", model="tiny-gpt2", params={"prompt": "Hello", "max_tokens": 50, "seed": SEED})
+    job = Job(op="completion", model="tiny-gpt2", params=TextParams(prompt="Hello", max_tokens=50, seed=SEED))
     got = []
     ctx = JobContext(job, lambda c: (got.append(c), len(got) == 3 and ctx.cancel(keep_partial=True)))
     result = backend.run(job, ctx)
-    assert result["stop_type"] == "none" and result["completion_tokens"] == 3
-    assert result["text"] == "".join(c["text"] for c in got)
+    assert result.stop_type == "none" and result.completion_tokens == 3
+    assert result.text == "".join(c["text"] for c in got)
 
 
 def test_cancel_from_another_thread(backend):
-    job = Job(op="completion", model="tiny-gpt2", params={"prompt": "Hi", "max_tokens": -1, "seed": SEED,
-                                                          "ignore_eos": True})
+    job = Job(op="completion", model="tiny-gpt2", params=TextParams(prompt="Hi", max_tokens=-1, seed=SEED,
+                                                                    ignore_eos=True))
     started = threading.Event()
     ctx = JobContext(job, lambda c: started.set())
     threading.Timer(0.0, lambda: (started.wait(5), ctx.cancel())).start()
@@ -146,25 +146,25 @@ def test_chat_renders_roles(backend):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
     assert render_chat(msgs) == "system: Be brief.\nuser: Hello\nassistant:"
     result, chunks = run(backend, "chat", {"messages": msgs, "max_tokens": 6, "seed": SEED})
-    assert result["completion_tokens"] <= 6
-    assert "".join(c["text"] for c in chunks) == result["text"]
+    assert result.completion_tokens <= 6
+    assert "".join(c["text"] for c in chunks) == result.text
 
 
 def test_resume_text_is_appended(backend):
     a, _ = run(backend, "completion", {"prompt": "Hello world", "max_tokens": 5, "temperature": 0})
     b, _ = run(backend, "completion", {"prompt": "Hello", "resume_text": " world", "max_tokens": 5,
                                        "temperature": 0})
-    assert a["text"] == b["text"]
+    assert a.text == b.text
 
 
 def test_tokenize_detokenize_round_trip(backend):
     text = "Hello world, the mesh model is tokenizing: 123 é€!"
     result, _ = run(backend, "tokenize", {"content": text, "add_special": True})
-    tokens = result["tokens"]
+    tokens = result.tokens
     assert tokens and all(isinstance(t, int) for t in tokens)
     assert len(tokens) < len(text.encode())  # whole-word tokens were used
     back, _ = run(backend, "detokenize", {"tokens": tokens})
-    assert back["content"] == text
+    assert back.content == text
 
 
 def test_context_exceeded(backend):

@@ -15,7 +15,16 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 PIL_Image = pytest.importorskip("PIL.Image")
 
-from velesio.backends import Cancelled, InvalidRequest, JobContext, ModelConfig, samplers, tiny_sd  # noqa: E402  # noqa: E402
+from velesio.backends import (  # noqa: E402
+    Cancelled,
+    ImageParams,
+    ImageResult,
+    InvalidRequest,
+    JobContext,
+    ModelConfig,
+    samplers,
+    tiny_sd,
+)
 from velesio.backends.diffusers import DiffusersBackend, detect_sdxl_file, detect_sdxl_folder, model_hash  # noqa: E402
 from velesio.mesh.jobs import Job  # noqa: E402
 
@@ -52,10 +61,12 @@ def backend(cache_dir):
     b.close()
 
 
-def run(backend, op="txt2img", emit=None, ctx=None, **params):
-    job = Job(op=op, model="tiny-sd", params={**BASE, **params})
+def run(backend, op="txt2img", emit=None, ctx=None, **params) -> ImageResult:
+    job = Job(op=op, model="tiny-sd", params=ImageParams(**{**BASE, **params}))
     ctx = ctx or JobContext(job, emit or (lambda chunk: None))
-    return backend.run(job, ctx)
+    result = backend.run(job, ctx)
+    assert isinstance(result, ImageResult)
+    return result
 
 
 def png(data: bytes):
@@ -93,7 +104,9 @@ def test_load_meta(backend, cache_dir):
         assert meta["device"].startswith("cuda") and meta["dtype"] == "float16"
     else:
         assert meta["device"] == "cpu" and meta["dtype"] == "float32" and meta["threads"] == 1
-    assert meta["samplers"] == samplers.sampler_names()
+    # the A1111-shaped lists, which the router lists and resolves names against
+    assert meta["samplers"] == samplers.SAMPLERS and meta["schedulers"] == samplers.SCHEDULERS
+    assert [s["name"] for s in meta["samplers"]] == samplers.sampler_names()
     assert len(meta["hash"]) == 10 and meta["title"] == f"tiny-sd [{meta['hash']}]"
     folder = tiny_sd.default_dir(cache_dir)
     assert meta["filename"] == str(folder)
@@ -141,43 +154,43 @@ def test_build_is_deterministic_and_race_free(backend, tmp_path):
 
 
 def test_txt2img_png_size_and_info(backend):
-    r = run(backend, width=64, height=48)
-    assert len(r["images"]) == 1 and r["seeds"] == [1234] and r["subseeds"] == [99]
-    img = png(r["images"][0])
-    assert img.format == "PNG" and img.size == (64, 48)
-    assert "Seed: 1234" in img.info["parameters"] and "Sampler: Euler a" in img.info["parameters"]
-    for key in ("width", "height", "sampler_name", "steps", "cfg_scale", "model", "interrupted", "notes",
-                "infotexts"):
-        assert key in r
-    assert (r["width"], r["height"], r["sampler_name"], r["steps"], r["model"], r["interrupted"]) == (
-        64, 48, "Euler a", 4, "tiny-sd", False)
+    r = run(backend, width=64, height=72)
+    assert len(r.images) == 1 and r.seeds == [1234] and r.subseeds == [99]
+    img = png(r.images[0])
+    assert img.format == "PNG" and img.size == (64, 72)
+    # What the image was made with, for the router's A1111 dialect to write the infotext and the PNG chunk
+    assert "parameters" not in img.info
+    assert (r.width, r.height, r.sampler_name, r.scheduler, r.steps, r.cfg_scale, r.clip_skip) == (
+        64, 72, "Euler a", "automatic", 4, 7.0, 1)
+    assert (r.model, r.model_hash, r.interrupted, r.notes) == ("tiny-sd", backend.test_meta["hash"], False, [])
+    assert r.denoising_strength is None and r.total_s > 0
 
 
 def test_same_seed_same_bytes(backend):
     a = run(backend, seed=7)
     b = run(backend, seed=7)
     c = run(backend, seed=8)
-    assert a["images"] == b["images"]
-    assert a["images"] != c["images"]
+    assert a.images == b.images
+    assert a.images != c.images
 
 
 def test_prompt_matters(backend):
-    assert run(backend, prompt="red")["images"] != run(backend, prompt="a blue boat")["images"]
+    assert run(backend, prompt="red").images != run(backend, prompt="a blue boat").images
 
 
 def test_batch_seeds_and_iterations(backend):
     r = run(backend, seed=500, batch_size=2, n_iter=2, steps=2)
-    assert r["seeds"] == [500, 501, 502, 503]
-    assert r["subseeds"] == [99, 100, 101, 102]
-    assert len(r["images"]) == 4 and len(set(r["images"])) == 4
+    assert r.seeds == [500, 501, 502, 503]
+    assert r.subseeds == [99, 100, 101, 102]
+    assert len(r.images) == 4 and len(set(r.images)) == 4
     # the second image of a batch uses seed + 1: a batch is reproducible
     again = run(backend, seed=500, batch_size=2, n_iter=2, steps=2)
-    assert again["images"] == r["images"]
+    assert again.images == r.images
 
 
 def test_send_images_false(backend):
     r = run(backend, send_images=False, steps=1)
-    assert r["images"] == [] and r["seeds"] == [1234]
+    assert r.images == [] and r.seeds == [1234]
 
 
 def test_progress_goes_1_to_steps(backend):
@@ -198,7 +211,7 @@ def test_progress_second_order_sampler(backend):
 
 
 def _cancelling_ctx(at_step: int, keep: bool):
-    job = Job(op="txt2img", model="tiny-sd", params={})
+    job = Job(op="txt2img", model="tiny-sd", params=ImageParams())
     holder = {}
 
     def emit(chunk):
@@ -219,7 +232,7 @@ def test_cancel_mid_run_raises(backend):
 
 
 def test_cancel_before_start_raises(backend):
-    ctx = JobContext(Job(op="txt2img", model="tiny-sd", params={}), lambda c: None)
+    ctx = JobContext(Job(op="txt2img", model="tiny-sd", params=ImageParams()), lambda c: None)
     ctx.cancel()
     with pytest.raises(Cancelled):
         run(backend, ctx=ctx)
@@ -228,24 +241,24 @@ def test_cancel_before_start_raises(backend):
 def test_interrupt_keeps_partial(backend):
     ctx, holder = _cancelling_ctx(2, keep=True)
     r = run(backend, ctx=ctx, steps=6, batch_size=2, n_iter=3)
-    assert r["interrupted"] is True
-    assert r["seeds"] == [1234, 1235] and len(r["images"]) == 2  # the batch in progress, no later ones
-    assert png(r["images"][0]).size == (64, 64)
+    assert r.interrupted is True
+    assert r.seeds == [1234, 1235] and len(r.images) == 2  # the batch in progress, no later ones
+    assert png(r.images[0]).size == (64, 64)
     assert max(c["step"] for c in holder["chunks"]) == 2
     # the pipeline is usable again afterwards
-    assert run(backend, steps=2)["interrupted"] is False
+    assert run(backend, steps=2).interrupted is False
 
 
 # ---------------------------------------------------------------- img2img
 
 
 def test_img2img_from_returned_image(backend):
-    first = run(backend)["images"][0]
+    first = run(backend).images[0]
     r = run(backend, op="img2img", init_images=[first], denoising_strength=0.5, steps=4, seed=3)
-    assert r["denoising_strength"] == 0.5 and len(r["images"]) == 1
-    assert png(r["images"][0]).size == (64, 64)
-    assert r["images"] == run(backend, op="img2img", init_images=[first], denoising_strength=0.5,
-                              steps=4, seed=3)["images"]
+    assert r.denoising_strength == 0.5 and len(r.images) == 1
+    assert png(r.images[0]).size == (64, 64)
+    assert r.images == run(backend, op="img2img", init_images=[first], denoising_strength=0.5,
+                              steps=4, seed=3).images
 
 
 def test_img2img_resizes_and_progress(backend):
@@ -254,19 +267,19 @@ def test_img2img_resizes_and_progress(backend):
     chunks = []
     r = run(backend, op="img2img", emit=chunks.append, init_images=[buf.getvalue()], width=96, height=64,
             denoising_strength=0.5, steps=6)
-    assert png(r["images"][0]).size == (96, 64)
+    assert png(r.images[0]).size == (96, 64)
     assert [c["step"] for c in chunks] == [1, 2, 3]  # 6 steps at strength 0.5 run 3
 
 
 def test_img2img_with_mask(backend):
-    init = run(backend, steps=2)["images"][0]
+    init = run(backend, steps=2).images[0]
     mask = PIL_Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))
     buf = io.BytesIO()
     mask.save(buf, format="PNG")
     r = run(backend, op="img2img", init_images=[init], mask=buf.getvalue(), denoising_strength=0.75, steps=4)
-    assert png(r["images"][0]).size == (64, 64)
-    assert not any(n.startswith("mask ignored") for n in r["notes"])
+    assert png(r.images[0]).size == (64, 64)
+    assert not any(n.startswith("mask ignored") for n in r.notes)
 
 
 def test_bad_init_image(backend):
@@ -282,16 +295,16 @@ def test_bad_init_image(backend):
 def test_every_sampler_runs(backend):
     for name in samplers.sampler_names():
         r = run(backend, sampler_name=name, steps=2, seed=11)
-        assert r["sampler_name"] == name and len(r["images"]) == 1, name
-        assert png(r["images"][0]).size == (64, 64), name
+        assert r.sampler_name == name and len(r.images) == 1, name
+        assert png(r.images[0]).size == (64, 64), name
 
 
 def test_schedule_types_run(backend):
     for schedule in ("karras", "exponential", "sgm_uniform", "Automatic"):
         r = run(backend, sampler_name="DPM++ 2M", scheduler=schedule, steps=2)
-        assert len(r["images"]) == 1, schedule
-    r = run(backend, sampler_name="DPM++ 2M", scheduler="karras", steps=2)
-    assert "Schedule type: Karras" in r["infotexts"][0]
+        assert len(r.images) == 1, schedule
+    r = run(backend, sampler_name="DPM++ 2M", scheduler="Karras", steps=2)
+    assert (r.sampler_name, r.scheduler) == ("DPM++ 2M", "karras")  # the canonical names, for the infotext
 
 
 def test_sampler_aliases():
@@ -309,7 +322,15 @@ def test_sampler_aliases():
     for name in ("Euler a", "Euler", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ SDE", "DDIM", "LMS", "Heun",
                  "UniPC"):
         assert samplers.resolve_sampler(name) == name
+    assert samplers.resolve_sampler("Euler Ancestral") == samplers.resolve_sampler("k_euler_a_karras") == "Euler a"
     assert all(set(s) == {"name", "aliases", "options"} for s in samplers.SAMPLERS)
+    # Every name resolve_sampler accepts is listed (a router resolves from the advertised list): the same
+    # normalisation (case, "_" and "-" as spaces) of some entry's name or alias, never of two entries.
+    listed: dict[str, str] = {}
+    for entry in samplers.SAMPLERS:
+        for key in (entry["name"], *entry["aliases"]):
+            assert listed.setdefault(samplers._norm(key), entry["name"]) == entry["name"], key
+    assert listed == samplers._SAMPLER_INDEX
     assert all(set(s) == {"name", "label", "aliases", "default_rho", "need_inner_model"}
                for s in samplers.SCHEDULERS)
 
@@ -321,17 +342,32 @@ def test_samplers_module_needs_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_sampler_alias_and_lcm_schedule(backend):
+    # params may carry an alias: the result names the canonical sampler
+    assert run(backend, sampler_name="k_dpmpp_2m", steps=1).sampler_name == "DPM++ 2M"
+    # LCMScheduler raises mid-job beyond its distillation schedule (50 steps): refused first, by the backend
+    with pytest.raises(InvalidRequest, match="steps: sampler LCM runs at most 50 steps, got 51"):
+        run(backend, sampler_name="LCM", steps=51)
+
+
 def test_unknown_sampler_and_limits(backend):
     with pytest.raises(InvalidRequest, match="Euler a"):
         run(backend, sampler_name="Warp Drive")
     with pytest.raises(InvalidRequest, match="scheduler"):
         run(backend, scheduler="zigzag")
-    with pytest.raises(InvalidRequest, match="exceeds"):
+    with pytest.raises(InvalidRequest, match="width: must be <= 1024 for model 'tiny-sd', got 2048"):
         run(backend, width=2048, height=64)
     with pytest.raises(InvalidRequest, match="steps"):
         run(backend, steps=0)
     with pytest.raises(InvalidRequest, match="batch_size"):
         run(backend, batch_size=9)
+    # checked with the router's own function (mesh/limits.py): sizes are not rounded, they are refused
+    with pytest.raises(InvalidRequest, match=r"width: must be a multiple of 8, got 100 \(try 96\)"):
+        run(backend, width=100)
+    with pytest.raises(InvalidRequest, match="max_pixel_steps"):
+        run(backend, width=1024, height=1024, steps=150, batch_size=2)
+    with pytest.raises(InvalidRequest, match="cfg_scale"):
+        run(backend, cfg_scale=float("nan"))
 
 
 # ---------------------------------------------------------------- checkpoint detection
@@ -371,12 +407,13 @@ def test_load_from_folder_path(backend, cache_dir):
         assert meta["embedded"] is False and meta["pipeline"] == "StableDiffusionPipeline"
         assert meta["filename"] == str(folder) and meta["hash"] == backend.test_meta["hash"]
         assert (meta["max_width"], meta["max_steps"], meta["max_height"]) == (128, 10, 1024)
-        r = b.run(Job(op="txt2img", model="sd-folder", params={**BASE, "steps": 2}), JobContext(
-            Job(op="txt2img", model="sd-folder", params={}), lambda c: None))
-        assert r["model"] == "sd-folder" and png(r["images"][0]).size == (64, 64)
-        with pytest.raises(InvalidRequest, match="exceeds"):
-            b.run(Job(op="txt2img", model="sd-folder", params={**BASE, "width": 256}),
-                  JobContext(Job(op="txt2img", model="sd-folder", params={}), lambda c: None))
+        r = b.run(Job(op="txt2img", model="sd-folder", params=ImageParams(**{**BASE, "steps": 2})), JobContext(
+            Job(op="txt2img", model="sd-folder", params=ImageParams()), lambda c: None))
+        assert isinstance(r, ImageResult)
+        assert r.model == "sd-folder" and png(r.images[0]).size == (64, 64)
+        with pytest.raises(InvalidRequest, match="width: must be <= 128 for model 'sd-folder'"):
+            b.run(Job(op="txt2img", model="sd-folder", params=ImageParams(**{**BASE, "width": 256})),
+                  JobContext(Job(op="txt2img", model="sd-folder", params=ImageParams()), lambda c: None))
     finally:
         b.close()
 
@@ -420,9 +457,9 @@ def test_load_errors(tmp_path):
 
 
 def test_img2img_low_strength_and_zero(backend):
-    init = run(backend, steps=1)["images"][0]
+    init = run(backend, steps=1).images[0]
     r = run(backend, op="img2img", init_images=[init], denoising_strength=0.1, steps=4)
-    assert len(r["images"]) == 1 and any("used 10 steps" in n for n in r["notes"])
+    assert len(r.images) == 1 and any("used 10 steps" in n for n in r.notes)
     r = run(backend, op="img2img", init_images=[init], denoising_strength=0.0, steps=4, batch_size=2)
-    assert r["seeds"] == [1234, 1235] and len(r["images"]) == 2
-    assert png(r["images"][0]).size == (64, 64)
+    assert r.seeds == [1234, 1235] and len(r.images) == 2
+    assert png(r.images[0]).size == (64, 64)

@@ -53,6 +53,7 @@ def plugins_site(tmp_path, monkeypatch):
         "broken": "vt_broken:BrokenBackend",
         "not-a-backend": "vt_misc:NotABackend",
         "too-new": "vt_misc:TooNew",
+        "api-1": "vt_misc:ApiOne",
         "misnamed": "vt_misc:Misnamed",
         "abstract": "vt_misc:Abstract",
         "good": "vt_misc:Good",
@@ -69,6 +70,12 @@ def plugins_site(tmp_path, monkeypatch):
                 api_version = {API_VERSION + 1}
                 def load(self): return {{}}
                 def run(self, job, ctx): return {{}}
+
+            class ApiOne(Backend):  # written for API 1: dict params in, a dict out
+                name, kind, operations = "api-1", "text", ("completion",)
+                api_version = 1
+                def load(self): return {{}}
+                def run(self, job, ctx): return {{"text": job.params.get("prompt", "")}}
 
             class Misnamed(Backend):
                 name, kind, operations = "something-else", "text", ("completion",)
@@ -129,6 +136,8 @@ def test_broken_plugins_become_error_entries(plugins_site):
     assert "Backend subclass" in found["not-a-backend"].error
     too_new = found["too-new"].error
     assert f"API {API_VERSION + 1}" in too_new and "upgrade velesio" in too_new
+    api_one = found["api-1"].error  # API 2 made params and results typed: a plugin of API 1 is not run
+    assert API_VERSION == 2 and "backend API 1" in api_one and "pip install -U velesio-test-plugins" in api_one
     assert "registered as 'misnamed'" in found["misnamed"].error
     assert "does not implement load, run" in found["abstract"].error
     good = found["good"]
@@ -193,7 +202,7 @@ def test_example_echo_plugin_is_discovered_and_serves_echo_1(tmp_path, monkeypat
     """plugins/example-echo as if pip-installed: its dist-info on sys.path, its module from the source tree."""
     import os
 
-    from velesio.backends import Cancelled, JobContext
+    from velesio.backends import Cancelled, JobContext, TextParams, TextResult
     from velesio.mesh.jobs import Job
 
     src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plugins", "example-echo")
@@ -210,15 +219,16 @@ def test_example_echo_plugin_is_discovered_and_serves_echo_1(tmp_path, monkeypat
     assert backend.load()["n_ctx"] > 0
 
     chunks = []
-    job = Job(op="chat", model="echo-1", params={"messages": [{"role": "user", "content": "one two three four"}],
-                                                 "max_tokens": 3})
+    job = Job(op="chat", model="echo-1", params=TextParams(
+        messages=[{"role": "user", "content": "one two three four"}], max_tokens=3))
     result = backend.run(job, JobContext(job, chunks.append))
-    assert result["text"] == "four three two" == "".join(c["text"] for c in chunks)
-    assert result["finish_reason"] == "length" and result["completion_tokens"] == 3
-    job = Job(op="completion", model="echo-1", params={"prompt": "a b c", "max_tokens": -1})
-    assert backend.run(job, JobContext(job, lambda c: None))["text"] == "c b a"
+    assert isinstance(result, TextResult)
+    assert result.text == "four three two" == "".join(c["text"] for c in chunks)
+    assert result.finish_reason == "length" and result.completion_tokens == 3
+    job = Job(op="completion", model="echo-1", params=TextParams(prompt="a b c", max_tokens=-1))
+    assert backend.run(job, JobContext(job, lambda c: None)).text == "c b a"
 
-    job = Job(op="completion", model="echo-1", params={"prompt": "a b c d", "max_tokens": -1})
+    job = Job(op="completion", model="echo-1", params=TextParams(prompt="a b c d", max_tokens=-1))
     ctx = JobContext(job, lambda c: ctx.cancel())
     with pytest.raises(Cancelled):
         backend.run(job, ctx)

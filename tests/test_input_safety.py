@@ -15,7 +15,8 @@ import pytest
 import requests
 
 from conftest import SMOLLM2, sse_events
-from velesio.mesh.jobs import IMAGE_LIMITS, image_cost, img2img_steps
+from velesio.mesh.limits import IMAGE_LIMITS, image_cost, img2img_steps
+from velesio.mesh.params import ImageParams
 
 TEXT_WORKER, IMAGE_WORKER, BUDGET_WORKER = "guard-text", "guard-img", "guard-img-budget"
 TINY = {"name": "tiny-sd", "backend": "diffusers", "slots": 1}
@@ -282,9 +283,9 @@ def test_img2img_schedule_is_bounded_for_every_strength(max_steps):
 
 def test_image_cost_counts_the_steps_run():
     p = {"width": 512, "height": 512, "steps": 20, "batch_size": 2, "n_iter": 3}
-    assert image_cost("txt2img", p, 150) == 512 * 512 * 20 * 2 * 3
-    assert image_cost("img2img", {**p, "denoising_strength": 0.5}, 150) == 512 * 512 * 10 * 2 * 3
-    assert image_cost("img2img", {**p, "denoising_strength": 1e-30}, 150) == 512 * 512 * 1 * 2 * 3
-    assert image_cost("img2img", {**p, "denoising_strength": 0.0}, 150) == 0
-    assert image_cost("txt2img", {**p, "width": 1024, "height": 1024, "steps": 150, "batch_size": 1, "n_iter": 1},
-                      150) == IMAGE_LIMITS["max_pixel_steps"]
+    assert image_cost("txt2img", ImageParams(**p), 150) == 512 * 512 * 20 * 2 * 3
+    assert image_cost("img2img", ImageParams(**p, denoising_strength=0.5), 150) == 512 * 512 * 10 * 2 * 3
+    assert image_cost("img2img", ImageParams(**p, denoising_strength=1e-30), 150) == 512 * 512 * 1 * 2 * 3
+    assert image_cost("img2img", ImageParams(**p, denoising_strength=0.0), 150) == 0
+    assert image_cost("txt2img", ImageParams(**{**p, "width": 1024, "height": 1024, "steps": 150, "batch_size": 1,
+                                                "n_iter": 1}), 150) == IMAGE_LIMITS["max_pixel_steps"]

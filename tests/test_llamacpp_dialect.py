@@ -212,3 +212,28 @@ def test_auth_error_in_llamacpp_dialect_has_int_code(mesh):
 def test_ignore_eos_generates_every_token(mesh):
     r = mesh.post("/completion", {"prompt": "Hi", "n_predict": 40, "ignore_eos": True}).json()
     assert r["tokens_predicted"] == 40 and r["stop_type"] == "limit"
+
+
+def test_paths_without_a_route_take_their_dialects_error_shape(mesh):
+    """404 and 405 are raised before any handler: the dialect that owns the path still shapes the error."""
+    r = mesh.get("/tokenize")  # llama.cpp's route, POST only
+    assert r.status_code == 405 and r.json()["error"]["code"] == 405
+    r = mesh.post("/infill", {"input_prefix": "def f(", "input_suffix": ")"})
+    assert r.status_code == 501 and r.json()["error"]["code"] == 501
+    r = mesh.get("/sdapi/v1/no-such-endpoint")  # A1111's prefix: its shape has a top-level detail
+    assert r.status_code == 404 and r.json()["detail"] and r.json()["error"]["code"] == "not_found"
+    r = mesh.get("/no-such-path")  # nobody's: the seed's shape
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found" and "detail" not in r.json()
+
+
+def test_llamacpp_defaults_are_an_overlay_of_the_mesh_defaults():
+    """The llama.cpp dialect lists only the defaults in which llama.cpp differs from the mesh's."""
+    import dataclasses
+
+    from velesio.mesh.params import TextParams
+    from velesio.router.dialects.llamacpp.completion import DEFAULTS, default_params
+
+    mesh_defaults = {f.name: f.default for f in dataclasses.fields(TextParams)}
+    assert DEFAULTS and all(name in mesh_defaults and mesh_defaults[name] != value
+                            for name, value in DEFAULTS.items())
+    assert default_params().max_tokens == -1 and TextParams().max_tokens == 150

@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from conftest import SMOLLM2, FakeRouter
+from velesio.mesh.params import TextResult, to_wire
 from velesio.mesh.protocol import VERSION
 
 FAULTY = {"name": "faulty", "backend": "benchmark", "slots": 1, "options": {"faults": True, "reply": "fine"}}
@@ -193,6 +194,43 @@ def test_a_cancel_for_a_job_the_worker_does_not_run_is_answered(start_worker):
                 assert body["job"] == "j-lost" and body["attempt"] == 3 and body["code"] == "cancelled"
                 return
         raise AssertionError("no answer to the CANCEL")
+    finally:
+        fake.close()
+        proc.stop()
+
+
+def test_typed_results_and_an_unknown_operation_through_a_real_worker(start_worker):
+    """A real worker and backend process under a bare ROUTER: a job's FINAL carries the typed result's fields
+    (mesh/params.py), and a REQUEST for an operation this version does not know (a newer router's) ends with
+    ERROR invalid_request, the worker serving on."""
+    router = FakeRouter(timeout_ms=30000)
+    fake = router.sock
+    proc = start_worker(router, "typed", [FAULTY], wait=False)
+    try:
+        identity, frame = fake.recv_multipart()
+        assert msgpack.unpackb(frame)[0] == 1  # READY
+        fake.send_multipart([identity, msgpack.packb([2, {"version": VERSION, "router": "fake",
+                                                          "heartbeat_ms": 750, "liveness": 3}])])
+        for job, op, params in (("j-new", "transcribe", {"audio": b"x"}), ("j-ok", "completion", {"prompt": "hi"})):
+            fake.send_multipart([identity, msgpack.packb([4, {"id": job, "attempt": 1, "op": op, "model": "faulty",
+                                                              "stream": False, "params": params}])])
+        ended: dict[str, tuple[int, dict[str, Any]]] = {}
+        deadline = time.monotonic() + 30
+        while len(ended) < 2 and time.monotonic() < deadline:
+            fake.send_multipart([identity, msgpack.packb([3, {}])])
+            if not fake.poll(250):
+                continue
+            command, body = msgpack.unpackb(fake.recv_multipart()[1])
+            if command in (6, 7):
+                ended[body["job"]] = (command, body)
+        command, body = ended["j-new"]
+        assert command == 7 and body["code"] == "invalid_request"
+        assert "unknown operation 'transcribe'" in body["message"]
+        command, body = ended["j-ok"]
+        assert command == 6, body
+        assert body["result"] == to_wire(TextResult(text="fine", finish_reason="length", stop_type="limit",
+                                                    prompt_tokens=1, completion_tokens=1))
+        assert proc.alive()
     finally:
         fake.close()
         proc.stop()

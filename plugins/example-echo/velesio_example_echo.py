@@ -8,7 +8,7 @@ word: deterministic, so it is easy to check end to end. It honours what every te
 
 import time
 
-from velesio.backends import Backend, Cancelled, ModelConfig, StopMatcher
+from velesio.backends import Backend, Cancelled, ModelConfig, NotSupported, StopMatcher, TextParams, TextResult
 
 __version__ = "0.1.0"
 
@@ -28,11 +28,14 @@ class EchoBackend(Backend):
         return {"n_ctx": 4096, "size": "0", "type": "completion", "template": None}
 
     def run(self, job, ctx):
-        p = job.params
+        p = job.params  # completion and chat jobs carry TextParams, every default applied
+        if not isinstance(p, TextParams):
+            raise NotSupported(f"example-echo does not do {job.op!r}")
+        t0 = time.perf_counter()
         if job.op == "chat":
-            text = str((p.get("messages") or [{}])[-1].get("content") or "")
+            text = str(p.messages[-1].get("content") or "") if p.messages else ""
         else:
-            text = str(p.get("prompt") or "")
+            text = p.prompt
         words = text.split()[::-1]
         # The "tokens" of this model: one piece per word, its id the word's position.
         pieces = [w if i == 0 else " " + w for i, w in enumerate(words)]
@@ -40,20 +43,20 @@ class EchoBackend(Backend):
         # resume_text: an earlier attempt streamed this much before its worker died. Skip the pieces it
         # covers (the rest of a piece it cut short, too) and stream only what follows.
         start, first = 0, None
-        done = str(p.get("resume_text") or "")
+        done = p.resume_text
         while start < len(pieces) and done.startswith(pieces[start]):
             done = done[len(pieces[start]):]
             start += 1
         if done and start < len(pieces) and pieces[start].startswith(done):
             first = pieces[start][len(done):]
 
-        limit = p.get("max_tokens")  # the router lowers it by what was already streamed
         left = len(pieces) - start
-        limit = left if limit is None or limit < 0 else min(limit, left)
-        stops = p.get("stop") or []
-        matcher = StopMatcher([stops] if isinstance(stops, str) else list(stops))
+        # max_tokens: -1 = until the end; the router lowers it by what an earlier attempt already streamed
+        limit = left if p.max_tokens < 0 else min(p.max_tokens, left)
+        matcher = StopMatcher(p.stop)
         out, held = [], []  # the text streamed; token ids of text the matcher still holds back
         used = 0
+        t1 = time.perf_counter()  # the "prompt" is evaluated
         for i in range(start, start + limit):
             if ctx.cancelled:
                 raise Cancelled("cancelled")
@@ -78,6 +81,6 @@ class EchoBackend(Backend):
             finish, stop_type = "length", "limit"
         else:
             finish, stop_type = "stop", "eos"
-        return {"text": "".join(out), "finish_reason": finish, "stop_type": stop_type,
-                "stopping_word": matcher.stopped or "", "prompt_tokens": len(words), "completion_tokens": used,
-                "timings": {"prompt_n": len(words), "prompt_ms": 0.0, "predicted_n": used, "predicted_ms": 0.0}}
+        return TextResult.timed(text="".join(out), finish_reason=finish, stop_type=stop_type,
+                                stopping_word=matcher.stopped or "", prompt_tokens=len(words), completion_tokens=used,
+                                prompt_ms=(t1 - t0) * 1000, predicted_ms=(time.perf_counter() - t1) * 1000)

@@ -15,9 +15,9 @@ import urllib.request
 
 import pytest
 
-from velesio.backends import BackendError, Cancelled, JobContext, ModelConfig
+from velesio.backends import BackendError, Cancelled, JobContext, ModelConfig, TextParams, TextResult
 from velesio.backends.llama import embedded_model_path as smollm2_path
-from velesio.mesh.jobs import TEXT_DEFAULTS, Job
+from velesio.mesh.jobs import Job
 
 try:
     from velesio_openai_upstream import OpenAIUpstreamBackend, UpstreamError, iter_sse
@@ -82,16 +82,18 @@ def backend(upstream):
     b.meta = b.load()
     # warm up: the first requests after start-up page the model in and compile the chat template
     for op, params in (("completion", {"prompt": "Hi"}), ("chat", {"messages": CHAT})):
-        job = Job(op=op, model="smollm2-up", params={**TEXT_DEFAULTS, **params, "max_tokens": 1})
+        job = Job(op=op, model="smollm2-up", params=TextParams(**{**params, "max_tokens": 1}))
         b.run(job, JobContext(job, lambda c: None))
     return b
 
 
 def run(backend, op, params, on_chunk=None):
     chunks = []
-    job = Job(op=op, model="smollm2-up", params={**TEXT_DEFAULTS, **params}, stream=True)
+    job = Job(op=op, model="smollm2-up", params=TextParams(**params), stream=True)
     ctx = JobContext(job, lambda c: (chunks.append(c), on_chunk and on_chunk(ctx, c)))
-    return backend.run(job, ctx), chunks
+    result = backend.run(job, ctx)
+    assert isinstance(result, TextResult)
+    return result, chunks
 
 
 def test_load_meta(backend, upstream):
@@ -102,32 +104,32 @@ def test_load_meta(backend, upstream):
 def test_chat_streams(backend):
     result, chunks = run(backend, "chat", {"messages": CHAT, "max_tokens": 24, "temperature": 0, "seed": 1})
     assert len(chunks) >= 3
-    assert "".join(c["text"] for c in chunks) == result["text"]
-    assert result["text"].strip()
-    assert result["finish_reason"] in ("stop", "length")
-    assert result["completion_tokens"] > 0
-    assert result["timings"]["prompt_ms"] > 0
+    assert "".join(c["text"] for c in chunks) == result.text
+    assert result.text.strip()
+    assert result.finish_reason in ("stop", "length")
+    assert result.completion_tokens > 0
+    assert result.prompt_ms > 0
 
 
 def test_completion_streams_and_length(backend):
     result, chunks = run(backend, "completion", {"prompt": "The capital of France is", "max_tokens": 8,
                                                  "temperature": 0})
     assert 1 <= len(chunks) <= 8
-    assert "".join(c["text"] for c in chunks) == result["text"]
-    assert result["finish_reason"] == "length" and result["stop_type"] == "limit"
-    assert result["completion_tokens"] == 8 or result["timings"]["usage"] == "counted"
+    assert "".join(c["text"] for c in chunks) == result.text
+    assert result.finish_reason == "length" and result.stop_type == "limit"
+    assert result.completion_tokens == 8 or result.prompt_tokens == 0  # 0: the upstream sent no usage, pieces counted
 
 
 def test_stop(backend):
     params = {"prompt": "Count: one, two, three, four, five,", "max_tokens": 24, "temperature": 0}
     free, _ = run(backend, "completion", params)
-    words = [w for w in free["text"].split() if len(w.strip(",. ")) >= 3]
-    assert words, free["text"]
+    words = [w for w in free.text.split() if len(w.strip(",. ")) >= 3]
+    assert words, free.text
     stop = words[1] if len(words) > 1 else words[0]
     result, chunks = run(backend, "completion", {**params, "stop": [stop]})
-    assert result["text"] == free["text"][:free["text"].index(stop)]
+    assert result.text == free.text[:free.text.index(stop)]
     assert stop not in "".join(c["text"] for c in chunks)
-    assert result["finish_reason"] == "stop"
+    assert result.finish_reason == "stop"
 
 
 def test_cancel_closes_the_stream(backend):
@@ -146,12 +148,11 @@ def test_cancel_closes_the_stream(backend):
     assert time.perf_counter() - cancelled_at[0] < 2.0
     # the upstream is still healthy afterwards
     result, _ = run(backend, "chat", {"messages": CHAT, "max_tokens": 4, "temperature": 0})
-    assert result["completion_tokens"] > 0
+    assert result.completion_tokens > 0
 
 
 def test_cancel_from_another_thread_while_blocked(backend):
-    job = Job(op="completion", model="smollm2-up", params={**TEXT_DEFAULTS, "prompt": "Once upon a time",
-                                                           "max_tokens": 1000})
+    job = Job(op="completion", model="smollm2-up", params=TextParams(prompt="Once upon a time", max_tokens=1000))
     first = threading.Event()
     ctx = JobContext(job, lambda c: first.set())
     out = {}
@@ -250,9 +251,9 @@ def test_parameter_mapping_and_usage_against_a_scripted_server():
         assert req["messages"][-1] == {"role": "assistant", "content": "Hel"}
         assert "top_k" not in req  # llama-only parameters are off by default
         assert [c["text"] for c in chunks] == ["Hel", "lo", " there"]
-        assert result["text"] == "Hello there"
-        assert (result["prompt_tokens"], result["completion_tokens"]) == (5, 3)
-        assert (result["finish_reason"], result["stop_type"], result["stopping_word"]) == ("stop", "word", "!")
+        assert result.text == "Hello there"
+        assert (result.prompt_tokens, result.completion_tokens) == (5, 3)
+        assert (result.finish_reason, result.stop_type, result.stopping_word) == ("stop", "word", "!")
         result, _ = run(b, "completion", {"prompt": "x", "max_tokens": 7})
         req = _FakeUpstream.requests[-1]
         assert req["path"] == "/v1/completions" and req["prompt"] == "x" and req["max_tokens"] == 7

@@ -37,6 +37,8 @@ from velesio.backends import (
     JobContext,
     ModelConfig,
     NotSupported,
+    TextParams,
+    TextResult,
 )
 from velesio.mesh.jobs import Job
 
@@ -159,42 +161,36 @@ class OpenAIUpstreamBackend(Backend):
         return {"n_ctx": self.n_ctx, "size": None, "type": "chat", "template": None,
                 "upstream": self.base_url, "upstream_model": self.upstream_model}
 
-    def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
-        if job.op not in self.operations:
-            raise NotSupported(f"the openai-upstream backend does not support '{job.op}'")
+    def run(self, job: Job, ctx: JobContext) -> TextResult:
         p = job.params
+        if job.op not in self.operations or not isinstance(p, TextParams):
+            raise NotSupported(f"the openai-upstream backend does not support '{job.op}'")
         body: dict[str, Any] = {"model": self.upstream_model, "stream": True}
         if job.op == "chat":
-            messages = p.get("messages")
-            if not isinstance(messages, list) or not messages:
+            if not p.messages:
                 raise InvalidRequest("chat needs a non-empty list of messages")
-            messages = list(messages)
-            if p.get("resume_text"):
+            messages = list(p.messages)
+            if p.resume_text:
                 # Failover: hand the upstream what was already streamed as the start of the answer.
-                messages.append({"role": "assistant", "content": p["resume_text"]})
+                messages.append({"role": "assistant", "content": p.resume_text})
             body["messages"] = messages
             endpoint = "/chat/completions"
         else:
-            prompt = p.get("prompt", "")
-            if not isinstance(prompt, str):
-                raise InvalidRequest("completion: prompt must be a string")
-            body["prompt"] = prompt + (p.get("resume_text") or "")
+            body["prompt"] = p.prompt + p.resume_text
             endpoint = "/completions"
-        max_tokens = p.get("max_tokens")
-        if max_tokens == 0:  # "evaluate the prompt only": OpenAI servers need max_tokens >= 1
-            return self._result("", "length", "limit", "", 0, 0, {}, "counted")
-        if max_tokens is not None and max_tokens > 0:
-            body["max_tokens"] = int(max_tokens)
+        if p.max_tokens == 0:  # "evaluate the prompt only": OpenAI servers need max_tokens >= 1
+            return TextResult(text="", finish_reason="length", stop_type="limit")
+        if p.max_tokens > 0:
+            body["max_tokens"] = int(p.max_tokens)
         for key in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
-            if p.get(key) is not None:
-                body[key] = p[key]
-        stop = p.get("stop")
-        if stop:
-            body["stop"] = list(stop) if not isinstance(stop, str) else [stop]
+            value = getattr(p, key)
+            if value is not None:
+                body[key] = value
+        if p.stop:
+            body["stop"] = list(p.stop)
         if self.llama_params:
-            for src, dst in (("top_k", "top_k"), ("min_p", "min_p"), ("repeat_penalty", "repeat_penalty")):
-                if p.get(src) is not None:
-                    body[dst] = p[src]
+            for key in ("top_k", "min_p", "repeat_penalty"):
+                body[key] = getattr(p, key)
         if self.include_usage:
             body["stream_options"] = {"include_usage": True}
         try:
@@ -205,7 +201,7 @@ class OpenAIUpstreamBackend(Backend):
 
     # -- streaming --------------------------------------------------------------------------------------
 
-    def _stream(self, endpoint: str, body: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    def _stream(self, endpoint: str, body: dict[str, Any], ctx: JobContext) -> TextResult:
         conn = self._connect(self.timeout_s)
         done = threading.Event()
 
@@ -296,24 +292,15 @@ class OpenAIUpstreamBackend(Backend):
         else:
             finish, stop_type = "stop", "eos"
         t_end = time.perf_counter()
-        timings = {"prompt_ms": ((t_first or t_end) - t0) * 1000.0,
-                   "predicted_ms": (t_end - (t_first or t_end)) * 1000.0}
         if usage:
             prompt_tokens = int(usage.get("prompt_tokens") or 0)
             completion_tokens = int(usage.get("completion_tokens") or 0)
-            source = "upstream"
-        else:
-            prompt_tokens, completion_tokens, source = 0, n_chunks, "counted"
-        return self._result("".join(parts), finish, stop_type, stop_reason if stop_type == "word" else "",
-                            prompt_tokens, completion_tokens, timings, source)
-
-    @staticmethod
-    def _result(text: str, finish: str, stop_type: str, stopping_word: str, prompt_tokens: int,
-                completion_tokens: int, timings: dict[str, float], source: str) -> dict[str, Any]:
-        timings = {"prompt_ms": 0.0, "predicted_ms": 0.0, **timings}
-        timings.update(prompt_n=prompt_tokens, predicted_n=completion_tokens, usage=source)
-        return {"text": text, "finish_reason": finish, "stop_type": stop_type, "stopping_word": stopping_word,
-                "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "timings": timings}
+        else:  # the upstream reports no usage: no prompt count, and one token per streamed piece
+            prompt_tokens, completion_tokens = 0, n_chunks
+        return TextResult.timed(text="".join(parts), finish_reason=finish or "stop", stop_type=stop_type,
+                                stopping_word=stop_reason if stop_type == "word" else "", prompt_tokens=prompt_tokens,
+                                completion_tokens=completion_tokens, prompt_ms=((t_first or t_end) - t0) * 1000.0,
+                                predicted_ms=(t_end - (t_first or t_end)) * 1000.0)
 
     def _raise_status(self, status: int, raw: bytes, body: dict[str, Any]) -> None:
         msg = _error_message(status, raw)

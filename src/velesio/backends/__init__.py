@@ -13,24 +13,61 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from velesio.mesh.jobs import Job
+from velesio.mesh.limits import IMAGE_LIMITS, ParamError, check_image, image_limits
+from velesio.mesh.params import (
+    DetokenizeParams,
+    DetokenizeResult,
+    EmbeddingsParams,
+    EmbeddingsResult,
+    ImageParams,
+    ImageResult,
+    Params,
+    Result,
+    TemplateParams,
+    TemplateResult,
+    TextParams,
+    TextResult,
+    TokenizeParams,
+    TokenizeResult,
+)
 from velesio.mesh.protocol import ERROR_CODES
 
 __all__ = [
     "API_VERSION",
     "ERROR_CODES",
+    "IMAGE_LIMITS",
     "Backend",
     "BackendError",
     "Cancelled",
     "ContextExceeded",
+    "DetokenizeParams",
+    "DetokenizeResult",
+    "EmbeddingsParams",
+    "EmbeddingsResult",
+    "ImageParams",
+    "ImageResult",
     "InvalidRequest",
+    "Job",
     "JobContext",
     "ModelConfig",
     "NotSupported",
+    "ParamError",
+    "Params",
+    "Result",
     "StopMatcher",
+    "TemplateParams",
+    "TemplateResult",
+    "TextParams",
+    "TextResult",
+    "TokenizeParams",
+    "TokenizeResult",
+    "check_image",
+    "image_limits",
     "render_plain_chat",
 ]
 
-API_VERSION = 1
+# 2: ``job.params`` is a typed object (velesio.mesh.params) and ``run`` returns a typed result.
+API_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -141,9 +178,11 @@ class Backend(abc.ABC):
         """Load the model (blocking). Return metadata to advertise: n_ctx, limits, template, size..."""
 
     @abc.abstractmethod
-    def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
-        """Run one job (blocking, in a worker thread) and return its result; raise BackendError subclasses
-        for errors a client should see. Stream with ``ctx.emit``; stop early when ``ctx.cancelled``."""
+    def run(self, job: Job, ctx: JobContext) -> Result:
+        """Run one job (blocking, in a worker thread) and return its result, of the type of ``job.op``
+        (``TextResult`` for ``completion`` and ``chat``, ``ImageResult`` for ``txt2img`` ...); ``job.params``
+        is of the matching params type with every default applied. Raise BackendError subclasses for errors
+        a client should see. Stream with ``ctx.emit``; stop early when ``ctx.cancelled``."""
 
     def set_threads(self, n: int) -> None:  # noqa: B027 - an optional hook: doing nothing is its default
         """The worker's share of the CPU changed: use ``n`` threads from now on (at least 1), ideally from

@@ -17,7 +17,7 @@ import signal
 import time
 from typing import Any
 
-from velesio.backends import Backend, Cancelled, JobContext, ModelConfig
+from velesio.backends import Backend, Cancelled, JobContext, ModelConfig, NotSupported, TextParams, TextResult
 from velesio.mesh.jobs import Job
 
 
@@ -32,12 +32,15 @@ class BenchmarkBackend(Backend):
         self.faults = bool(self.config.options.get("faults", False))
         return {"n_ctx": 4096, "type": "benchmark", "size": "0"}
 
-    def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
+    def run(self, job: Job, ctx: JobContext) -> TextResult:
+        p = job.params
+        if not isinstance(p, TextParams):
+            raise NotSupported(f"the benchmark backend does not do {job.op!r}")
         if self.faults:
-            self._fault(str(job.params.get("prompt") or ""))
+            self._fault(p.prompt)
         if self.delay_s:
             self._wait(self.delay_s, ctx)
-        n = int(job.params.get("max_tokens") or 1)
+        n = int(p.max_tokens or 1)
         if job.stream and n > 1:
             for _ in range(n):
                 if ctx.cancelled:
@@ -46,9 +49,8 @@ class BenchmarkBackend(Backend):
             text = " tok" * n
         else:
             text = self.reply
-        return {"text": text, "finish_reason": "length", "stop_type": "limit", "stopping_word": "",
-                "prompt_tokens": 1, "completion_tokens": n if job.stream else 1,
-                "timings": {"prompt_n": 1, "prompt_ms": 0.0, "predicted_n": n, "predicted_ms": 0.0}}
+        return TextResult(text=text, finish_reason="length", stop_type="limit", prompt_tokens=1,
+                          completion_tokens=n if job.stream else 1)
 
     @staticmethod
     def _fault(prompt: str) -> None:

@@ -37,13 +37,20 @@ from velesio.backends import (
     BackendError,
     Cancelled,
     ContextExceeded,
+    DetokenizeParams,
+    DetokenizeResult,
     InvalidRequest,
     JobContext,
     ModelConfig,
     NotSupported,
+    Result,
+    TextParams,
+    TextResult,
+    TokenizeParams,
+    TokenizeResult,
 )
 from velesio.backends.textutil import PLAIN_CHAT_STOPS, render_plain_chat
-from velesio.mesh.jobs import TEXT_DEFAULTS, Job
+from velesio.mesh.jobs import Job
 
 __all__ = ["CTransformersBackend", "MODEL_TYPES", "render_chat", "CHAT_STOPS"]
 
@@ -159,29 +166,29 @@ class CTransformersBackend(Backend):
 
     # -- jobs -------------------------------------------------------------------------------------------
 
-    def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
+    def run(self, job: Job, ctx: JobContext) -> Result:
         if self._llm is None:
             raise BackendError(f"model '{self.config.name}' is not loaded")
-        if job.op == "tokenize":
-            return self._tokenize(job.params)
-        if job.op == "detokenize":
-            return self._detokenize(job.params)
-        if job.op in ("completion", "chat"):
-            return self._generate(job, ctx)
+        p = job.params
+        if isinstance(p, TokenizeParams):
+            return self._tokenize(p)
+        if isinstance(p, DetokenizeParams):
+            return self._detokenize(p)
+        if isinstance(p, TextParams) and job.op in ("completion", "chat"):
+            return self._generate(job.op, p, ctx)
         raise NotSupported(f"the ctransformers backend does not support '{job.op}'")
 
-    def _tokenize(self, params: dict[str, Any]) -> dict[str, Any]:
-        content = params.get("content", "")
+    def _tokenize(self, p: TokenizeParams) -> TokenizeResult:
+        content = p.content
         if not isinstance(content, str):
             raise InvalidRequest("tokenize: content must be a string")
         with self._lock:
             # GGML files have no BOS marker except llama's; add_special adds it there only.
-            tokens = _tokenize(self._llm, content, bool(params.get("add_special", False))
-                               and self._llm.model_type == "llama")
-        return {"tokens": list(tokens)}
+            tokens = _tokenize(self._llm, content, bool(p.add_special) and self._llm.model_type == "llama")
+        return TokenizeResult(tokens=list(tokens))
 
-    def _detokenize(self, params: dict[str, Any]) -> dict[str, Any]:
-        tokens = params.get("tokens", [])
+    def _detokenize(self, p: DetokenizeParams) -> DetokenizeResult:
+        tokens = p.tokens
         if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
             raise InvalidRequest("detokenize: tokens must be a list of integers")
         with self._lock:
@@ -190,42 +197,38 @@ class CTransformersBackend(Backend):
             if bad:
                 raise InvalidRequest(f"detokenize: token ids {bad[:5]} are outside the vocabulary (0..{n_vocab - 1})")
             raw = self._llm.detokenize(tokens, decode=False) if tokens else b""
-        return {"content": raw.decode("utf-8", errors="replace")}
+        return DetokenizeResult(content=raw.decode("utf-8", errors="replace"))
 
-    def _generate(self, job: Job, ctx: JobContext) -> dict[str, Any]:
-        p = {**TEXT_DEFAULTS, **job.params}
-        stops = [s for s in (p.get("stop") or []) if isinstance(s, str) and s]
-        if isinstance(p.get("stop"), str):
-            stops = [p["stop"]] if p["stop"] else []
-        if job.op == "chat":
-            prompt, chat_stops = render_plain_chat(p.get("messages"))
+    def _generate(self, op: str, p: TextParams, ctx: JobContext) -> TextResult:
+        stops = [s for s in p.stop if isinstance(s, str) and s]
+        prompt: Any
+        if op == "chat":
+            prompt, chat_stops = render_plain_chat(p.messages)
             stops += [s for s in chat_stops if s not in stops]
         else:
-            prompt = p.get("prompt", "")
+            prompt = p.prompt
             if isinstance(prompt, list) and all(isinstance(x, str) for x in prompt) and len(prompt) == 1:
                 prompt = prompt[0]
             if not isinstance(prompt, str):
                 raise InvalidRequest("completion: prompt must be a string")
-        if p.get("grammar") or p.get("json_schema"):
+        if p.grammar or p.json_schema:
             raise NotSupported("the ctransformers backend does not support grammar or json_schema")
-        prompt += p.get("resume_text") or ""
+        prompt += p.resume_text
 
-        temperature = float(_given(p, "temperature", 0.7))
-        top_k = int(p.get("top_k") or 0)
-        top_p = float(_given(p, "top_p", 1.0))
+        temperature = float(p.temperature)
+        top_k = int(p.top_k or 0)
+        top_p = float(p.top_p)
         if not 0.0 < top_p <= 1.0:
             top_p = 1.0
-        repeat_penalty = float(p.get("repeat_penalty") or 1.0)
-        repeat_last_n = int(_given(p, "repeat_last_n", 64))
+        repeat_penalty = float(p.repeat_penalty or 1.0)
+        repeat_last_n = int(p.repeat_last_n)
         if repeat_last_n == 0:  # "no window": ctransformers would read [-0:] as the whole context
             repeat_penalty, repeat_last_n = 1.0, 1
-        seed = p.get("seed")
         # ctransformers re-seeds its generator on every sample, so a fixed seed would draw the same random
         # number for every token: derive one seed per token from the job's seed instead.
-        rng = random.Random(int(seed) if seed is not None else random.SystemRandom().randrange(2**63))
-        max_tokens = p.get("max_tokens")
-        max_tokens = -1 if max_tokens is None else int(max_tokens)
-        ignore_eos = bool(p.get("ignore_eos"))
+        rng = random.Random(int(p.seed) if p.seed is not None else random.SystemRandom().randrange(2**63))
+        max_tokens = int(p.max_tokens)
+        ignore_eos = bool(p.ignore_eos)
 
         with self._lock:
             llm = self._llm
@@ -306,28 +309,9 @@ class CTransformersBackend(Backend):
                 flush(len(text))
             t2 = time.perf_counter()
 
-        prompt_ms = (t1 - t0) * 1000.0
-        predicted_ms = (t2 - t1) * 1000.0
-        n = len(completion)
-        return {
-            "text": text,
-            "finish_reason": finish,
-            "stop_type": stop_type,
-            "stopping_word": stopping_word,
-            "prompt_tokens": len(tokens),
-            "completion_tokens": n,
-            "timings": {
-                "prompt_n": len(todo),
-                "prompt_ms": prompt_ms,
-                "prompt_per_token_ms": prompt_ms / len(todo) if todo else 0.0,
-                "prompt_per_second": len(todo) / (prompt_ms / 1000.0) if prompt_ms > 0 else 0.0,
-                "predicted_n": n,
-                "predicted_ms": predicted_ms,
-                "predicted_per_token_ms": predicted_ms / n if n else 0.0,
-                "predicted_per_second": n / (predicted_ms / 1000.0) if predicted_ms > 0 and n else 0.0,
-                "cache_n": len(tokens) - len(todo),
-            },
-        }
+        return TextResult.timed(text=text, finish_reason=finish, stop_type=stop_type, stopping_word=stopping_word,
+                                prompt_tokens=len(tokens), completion_tokens=len(completion),
+                                prompt_ms=(t1 - t0) * 1000.0, predicted_ms=(t2 - t1) * 1000.0)
 
 
 def _tokenize(llm: Any, text: str, add_bos: bool) -> list[int]:
@@ -339,12 +323,6 @@ def _tokenize(llm: Any, text: str, add_bos: bool) -> list[int]:
     buf = (c_int * (len(data) + 2))()
     n = llm.ctransformers_llm_tokenize(data, add_bos, buf)
     return list(buf[:n])
-
-
-def _given(params: dict[str, Any], key: str, default: Any) -> Any:
-    """``params[key]``, or ``default`` when it is missing or None (a client may send an explicit null)."""
-    value = params.get(key)
-    return default if value is None else value
 
 
 def _human_size(n: float) -> str:

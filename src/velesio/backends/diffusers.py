@@ -1,16 +1,18 @@
 """The diffusers image backend: txt2img and img2img (with optional inpainting mask) for Stable Diffusion
 1.x/2.x and SDXL checkpoints, and the embedded tiny model (see backends/tiny_sd.py and docs/images.md).
 
-Job params arrive validated and normalised by the router (A1111 names): prompt, negative_prompt, width,
-height, steps, cfg_scale, sampler_name, scheduler, seed, subseed, batch_size, n_iter, denoising_strength,
-init_images (image bytes), mask (image bytes or None), send_images. The backend checks them again, cheaply,
-so that it is safe to call directly.
+Jobs carry ``ImageParams`` (velesio.mesh.params), every default applied. The backend checks them again
+against its own limits with the router's function (``check_image``, mesh/limits.py), so that it is safe to
+call directly; what it checks on its own is what only it knows: the LCM schedule's length, the sampler and
+scheduler names (a client may send an alias), and whether the init images and mask decode. It returns an
+``ImageResult``: PNG images and the parameters they were made with (the router's A1111 dialect writes the
+infotexts from them).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
+import copy
+import dataclasses
 import gc
 import importlib.util
 import io
@@ -28,14 +30,20 @@ from velesio.backends import (
     Backend,
     BackendError,
     Cancelled,
+    ImageParams,
+    ImageResult,
     InvalidRequest,
     JobContext,
     ModelConfig,
     NotSupported,
+    ParamError,
+    check_image,
+    image_limits,
     tiny_sd,
 )
 from velesio.backends import samplers as _samplers
-from velesio.mesh.jobs import IMAGE_LIMITS, Job, image_cost, img2img_steps
+from velesio.mesh.jobs import Job
+from velesio.mesh.limits import IMAGE_LIMITS, MAX_IMAGE_SIDE, img2img_steps
 
 from .sd_files import detect_sdxl_file, detect_sdxl_folder, model_hash
 
@@ -51,13 +59,6 @@ _DTYPES = {
     "float32": "float32", "fp32": "float32", "float": "float32", "full": "float32",
 }
 
-# Bounds on the request numbers that size work outside IMAGE_LIMITS (the router's A1111 dialect has the same).
-MAX_INIT_IMAGES = 64
-MAX_IMAGE_SIDE = 8192  # an init image or mask, checked from its header before it is decoded
-MAX_MASK_BLUR = 256
-MAX_CLIP_SKIP = 12
-MAX_ETA = 10.0
-
 
 class _Abort(Exception):
     """Raised inside the step callback to stop a cancelled job at once."""
@@ -70,15 +71,10 @@ def _truthy(value: Any) -> bool:
 
 
 def _decode_image(data: Any, what: str) -> Any:
-    """PIL image from bytes (or a base64 string, data URL allowed); InvalidRequest naming ``what``."""
+    """PIL image from encoded image bytes (PNG, JPEG, ...); InvalidRequest naming ``what``. The size is read
+    from the header and checked (``MAX_IMAGE_SIDE``) before the pixels are decoded."""
     from PIL import Image, UnidentifiedImageError
 
-    if isinstance(data, str):
-        text = data.split(",", 1)[1] if data.startswith("data:") and "," in data else data
-        try:
-            data = base64.b64decode(text, validate=False)
-        except (binascii.Error, ValueError):
-            raise InvalidRequest(f"{what}: not a decodable image") from None
     if isinstance(data, (bytearray, memoryview)):
         data = bytes(data)
     if not isinstance(data, bytes) or not data:
@@ -94,31 +90,19 @@ def _decode_image(data: Any, what: str) -> Any:
     return img
 
 
-def _as_int(params: dict[str, Any], key: str, default: int) -> int:
-    value = params.get(key)
-    if value is None:
-        return default
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise InvalidRequest(f"{key}: expected an integer, got {value!r}") from None
+@dataclasses.dataclass
+class _Request:
+    """A job as this backend runs it: its params, and what the backend resolved or decoded from them."""
 
-
-def _as_float(params: dict[str, Any], key: str, default: float) -> float:
-    value = params.get(key)
-    if value is None:
-        return default
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise InvalidRequest(f"{key}: expected a number, got {value!r}") from None
-    if math.isnan(out) or math.isinf(out):
-        raise InvalidRequest(f"{key}: expected a finite number")
-    return out
-
-
-def _fmt_num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+    op: str
+    p: ImageParams
+    sampler: str  # the canonical sampler name (p.sampler_name may be an alias)
+    scheduler: str  # the canonical scheduler name
+    seed: int  # the first image's (p.seed, or drawn when it is -1)
+    subseed: int
+    notes: list[str]
+    init_images: list[Any] = dataclasses.field(default_factory=list)  # img2img: PIL images at the job's size
+    mask: Any = None  # img2img: a PIL mask at the job's size, or None
 
 
 class DiffusersBackend(Backend):
@@ -139,7 +123,7 @@ class DiffusersBackend(Backend):
         self._torch: Any = None
         self.device = "cpu"
         self.dtype_name = "float32"
-        self.limits = dict(IMAGE_LIMITS)
+        self.limits = image_limits(None)  # the defaults, until load() reads the options
         self.threads: int | None = None  # torch CPU threads while a job runs; None: torch's default
         self._threads_fixed = False  # by the options (or the tiny model's 1): set_threads leaves it
         self.meta: dict[str, Any] = {}
@@ -190,14 +174,14 @@ class DiffusersBackend(Backend):
             from diffusers import StableDiffusionPipeline  # noqa: F401  (imports the pipelines quietly)
         self._torch = torch
         opts = dict(self.config.options or {})
+        given: dict[str, int] = {}
         for key in IMAGE_LIMITS:
             if opts.get(key) is not None:
-                self.limits[key] = int(opts[key])
-                if self.limits[key] < 1:
+                given[key] = int(opts[key])
+                if given[key] < 1:
                     raise ValueError(f"options.{key} must be a positive integer, got {opts[key]!r}")
-        if opts.get("max_pixel_steps") is None:
-            # One image of the largest size at the most steps, whatever those limits were set to.
-            self.limits["max_pixel_steps"] = self.limits["max_pixels"] * self.limits["max_steps"]
+        # The defaults for the rest; without max_pixel_steps, one largest image at the most steps.
+        self.limits = image_limits(given)
         device, dtype = self._pick_device(opts)
         self.device, self.dtype_name = device, str(dtype).replace("torch.", "")
         tiny_sd.disable_progress_bars()
@@ -266,8 +250,10 @@ class DiffusersBackend(Backend):
         sample = int(getattr(pipe.unet.config, "sample_size", 64) or 64) * vae_scale
         self.meta = {
             **{k: v for k, v in self.limits.items()},
-            "samplers": _samplers.sampler_names(),
-            "schedulers": [s["name"] for s in _samplers.SCHEDULERS],
+            # A1111-shaped entries ({name, aliases, options} / {name, label, aliases, ...}): the router lists
+            # them and resolves a client's sampler or scheduler name against them.
+            "samplers": copy.deepcopy(_samplers.SAMPLERS),
+            "schedulers": copy.deepcopy(_samplers.SCHEDULERS),
             "type": "checkpoint",
             "title": f"{stem} [{digest}]",
             "model_name": self.config.name,
@@ -351,113 +337,47 @@ class DiffusersBackend(Backend):
             return min(self.limits["max_steps"], original)
         return self.limits["max_steps"]
 
-    def _parse(self, job: Job) -> dict[str, Any]:
-        p = job.params or {}
-        lim = self.limits
-        notes: list[str] = []
-        width = _as_int(p, "width", 512)
-        height = _as_int(p, "height", 512)
-        if width < 8 or height < 8:
-            raise InvalidRequest("width and height must be at least 8")
-        if width % 8 or height % 8:
-            w8, h8 = width - width % 8, height - height % 8
-            notes.append(f"size {width}x{height} rounded down to {w8}x{h8} (multiples of 8)")
-            width, height = w8, h8
-        if width > lim["max_width"] or height > lim["max_height"]:
-            raise InvalidRequest(f"size {width}x{height} exceeds this model's limit "
-                                 f"{lim['max_width']}x{lim['max_height']}")
-        if width * height > lim["max_pixels"]:
-            raise InvalidRequest(f"size {width}x{height} exceeds this model's limit of {lim['max_pixels']} pixels")
-        steps = _as_int(p, "steps", 20)
-        if not 1 <= steps <= lim["max_steps"]:
-            raise InvalidRequest(f"steps must be between 1 and {lim['max_steps']}, got {steps}")
-        batch_size = _as_int(p, "batch_size", 1)
-        if not 1 <= batch_size <= lim["max_batch"]:
-            raise InvalidRequest(f"batch_size must be between 1 and {lim['max_batch']}, got {batch_size}")
-        n_iter = _as_int(p, "n_iter", 1)
-        if not 1 <= n_iter <= lim["max_iter"]:
-            raise InvalidRequest(f"n_iter must be between 1 and {lim['max_iter']}, got {n_iter}")
-        cfg_scale = _as_float(p, "cfg_scale", 7.0)
-        sampler = _samplers.resolve_sampler(p.get("sampler_name") or p.get("sampler_index"))
+    def _parse(self, job: Job) -> _Request:
+        p = job.params
+        if not isinstance(p, ImageParams):
+            raise InvalidRequest(f"{job.op}: expected image parameters, got {type(p).__name__}")
+        try:
+            check_image(job.op, p, self.limits, self.config.name)
+        except ParamError as err:
+            raise InvalidRequest(str(err)) from None
+        sampler = _samplers.resolve_sampler(p.sampler_name)
         if sampler is None:
-            raise InvalidRequest(f"unknown sampler {p.get('sampler_name')!r}; valid: "
-                                 f"{', '.join(_samplers.sampler_names())}")
-        schedule = _samplers.resolve_scheduler(p.get("scheduler"))
+            raise InvalidRequest(f"unknown sampler {p.sampler_name!r}; valid: {', '.join(_samplers.sampler_names())}")
+        schedule = _samplers.resolve_scheduler(p.scheduler)
         if schedule is None:
-            raise InvalidRequest(f"unknown scheduler {p.get('scheduler')!r}; valid: "
+            raise InvalidRequest(f"unknown scheduler {p.scheduler!r}; valid: "
                                  f"{', '.join(s['name'] for s in _samplers.SCHEDULERS)}")
-        if steps > self._schedule_cap(sampler):
+        if p.steps > self._schedule_cap(sampler):
             # diffusers' LCMScheduler raises a ValueError mid-job beyond its distillation schedule
             raise InvalidRequest(f"steps: sampler {sampler} runs at most {self._schedule_cap(sampler)} steps, "
-                                 f"got {steps}")
-        seed = p.get("seed")
-        seed = -1 if seed is None else _as_int(p, "seed", -1)
-        if seed < 0:
-            seed = random.randrange(2**32)
-        subseed = p.get("subseed")
-        subseed = -1 if subseed is None else _as_int(p, "subseed", -1)
-        if subseed < 0:
-            subseed = random.randrange(2**32)
-        prompt = p.get("prompt") or ""
-        negative = p.get("negative_prompt") or ""
-        if not isinstance(prompt, str) or not isinstance(negative, str):
-            raise InvalidRequest("prompt and negative_prompt must be strings")
-        clip_skip = None if p.get("clip_skip") is None else _as_int(p, "clip_skip", 1)
-        if clip_skip is not None and not 1 <= clip_skip <= MAX_CLIP_SKIP:
-            raise InvalidRequest(f"clip_skip must be between 1 and {MAX_CLIP_SKIP}, got {clip_skip}")
-        eta = None if p.get("eta") is None else _as_float(p, "eta", 0.0)
-        if eta is not None and not 0.0 <= eta <= MAX_ETA:
-            raise InvalidRequest(f"eta must be between 0 and {MAX_ETA}, got {eta}")
-        req: dict[str, Any] = {
-            "op": job.op, "prompt": prompt, "negative_prompt": negative, "width": width, "height": height,
-            "steps": steps, "cfg_scale": cfg_scale, "sampler_name": sampler, "scheduler": schedule,
-            "seed": seed, "subseed": subseed, "batch_size": batch_size, "n_iter": n_iter,
-            "send_images": p.get("send_images", True) is not False, "notes": notes,
-            "eta": eta, "clip_skip": clip_skip,
-        }
+                                 f"got {p.steps}")
+        seed = p.seed if p.seed >= 0 else random.randrange(2**32)
+        subseed = p.subseed if p.subseed >= 0 else random.randrange(2**32)
+        req = _Request(op=job.op, p=p, sampler=sampler, scheduler=schedule, seed=seed, subseed=subseed, notes=[])
         if job.op == "img2img":
-            strength = _as_float(p, "denoising_strength", 0.75)
-            if not 0.0 <= strength <= 1.0:
-                raise InvalidRequest(f"denoising_strength must be between 0 and 1, got {strength}")
-            req["denoising_strength"] = strength
-        # The whole job's cost (the router checked it too), before any image is decoded.
-        cost = image_cost(job.op, req, lim["max_steps"])
-        if cost > lim["max_pixel_steps"]:
-            raise InvalidRequest(f"max_pixel_steps: this job costs {cost} pixel-steps (width x height x steps x "
-                                 f"batch_size x n_iter), more than this model allows "
-                                 f"(max_pixel_steps {lim['max_pixel_steps']})")
-        if job.op == "img2img":
-            raw = p.get("init_images")
-            if not raw:
-                raise InvalidRequest("init_images: img2img needs at least one image")
-            if not isinstance(raw, (list, tuple)):
-                raw = [raw]
-            if len(raw) > MAX_INIT_IMAGES:
-                raise InvalidRequest(f"init_images: at most {MAX_INIT_IMAGES} images")
-            inits = []
-            for k, data in enumerate(raw):
+            size = (p.width, p.height)
+            for k, data in enumerate(p.init_images):
                 img = _decode_image(data, f"init_images[{k}]").convert("RGB")
-                if img.size != (width, height):
-                    img = img.resize((width, height), _lanczos())
-                inits.append(img)
-            mask = None
-            if p.get("mask"):
+                req.init_images.append(img if img.size == size else img.resize(size, _lanczos()))
+            if p.mask:
                 from PIL import ImageFilter, ImageOps
 
-                mask = _decode_image(p["mask"], "mask").convert("L")
-                if mask.size != (width, height):
-                    mask = mask.resize((width, height), _lanczos())
-                if _truthy(p.get("inpainting_mask_invert")):
+                mask = _decode_image(p.mask, "mask").convert("L")
+                if mask.size != size:
+                    mask = mask.resize(size, _lanczos())
+                if p.inpainting_mask_invert:
                     mask = ImageOps.invert(mask)
-                blur = _as_int(p, "mask_blur", 0)
-                if not 0 <= blur <= MAX_MASK_BLUR:
-                    raise InvalidRequest(f"mask_blur must be between 0 and {MAX_MASK_BLUR}, got {blur}")
-                if blur > 0:
-                    mask = mask.filter(ImageFilter.GaussianBlur(blur))
-            req.update(init_images=inits, mask=mask)
+                if p.mask_blur > 0:
+                    mask = mask.filter(ImageFilter.GaussianBlur(p.mask_blur))
+                req.mask = mask
         return req
 
-    def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
+    def run(self, job: Job, ctx: JobContext) -> ImageResult:
         if job.op not in self.operations:
             raise NotSupported(f"the diffusers backend does not do {job.op!r}")
         if self._pipe is None:
@@ -476,22 +396,23 @@ class DiffusersBackend(Backend):
             finally:
                 torch.set_num_threads(previous)
 
-    def _generate(self, req: dict[str, Any], ctx: JobContext) -> dict[str, Any]:
+    def _generate(self, req: _Request, ctx: JobContext) -> ImageResult:
         torch = self._torch
         t0 = time.perf_counter()
-        notes: list[str] = req["notes"]
-        op = req["op"]
-        batch, n_iter = req["batch_size"], req["n_iter"]
+        p = req.p
+        notes = req.notes
+        op = req.op
+        batch, n_iter = p.batch_size, p.n_iter
         total = batch * n_iter
-        steps = req["steps"]
+        steps = p.steps
         pipe = self._pipe
         call: dict[str, Any] = {
             "num_inference_steps": steps,
-            "guidance_scale": req["cfg_scale"],
+            "guidance_scale": float(p.cfg_scale),
             "output_type": "pil",
         }
-        if req["clip_skip"] is not None:
-            clip_skip = int(req["clip_skip"])  # A1111 counts the last layer as 1; diffusers counts skipped ones
+        if p.clip_skip > 1:
+            clip_skip = int(p.clip_skip)  # A1111 counts the last layer as 1; diffusers counts skipped ones
             layers = getattr(getattr(getattr(pipe, "text_encoder", None), "config", None), "num_hidden_layers", 0)
             if clip_skip > 1 and layers and clip_skip > layers:
                 # diffusers would index past the encoder's hidden states (an IndexError mid-job)
@@ -501,16 +422,16 @@ class DiffusersBackend(Backend):
             elif clip_skip > 1:
                 # diffusers' clip_skip reads text_encoder.text_model, which newer transformers' CLIP lacks.
                 notes.append(f"clip_skip {clip_skip} is not supported with this transformers version; ignored")
-        if req["eta"] is not None and req["sampler_name"] == "DDIM":
-            call["eta"] = float(req["eta"])
+        if p.eta is not None and req.sampler == "DDIM":
+            call["eta"] = float(p.eta)
         effective = steps
         if op == "img2img":
-            strength = req["denoising_strength"]
+            strength = float(p.denoising_strength)
             if strength <= 0:
                 notes.append("denoising_strength 0: returned the init images unchanged")
-                images: list[Any] = [req["init_images"][i % len(req["init_images"])] for i in range(total)]
-                return self._result(req, images, list(range(total)), False, notes, t0)
-            if req["mask"] is not None:
+                images: list[Any] = [req.init_images[i % len(req.init_images)] for i in range(total)]
+                return self._result(req, images, list(range(total)), False, t0)
+            if req.mask is not None:
                 inpaint = self._inpaint_pipe()
                 if inpaint is not None:
                     pipe = inpaint
@@ -521,8 +442,8 @@ class DiffusersBackend(Backend):
             else:
                 pipe = self._img2img
             # diffusers runs the last int(n × strength) steps of an n-step schedule; a longer schedule makes one
-            # step of a small strength run, but its length is bounded by max_steps (mesh/jobs.py).
-            n, effective = img2img_steps(steps, strength, self._schedule_cap(req["sampler_name"]))
+            # step of a small strength run, but its length is bounded by max_steps (mesh/limits.py).
+            n, effective = img2img_steps(steps, strength, self._schedule_cap(req.sampler))
             call["num_inference_steps"] = n
             call["strength"] = strength
             if int(n * strength) != effective:
@@ -535,9 +456,9 @@ class DiffusersBackend(Backend):
                 notes.append(f"denoising_strength {strength:g} with {steps} steps runs no step; used {n} steps, "
                              "of which 1 runs")
             if "mask_image" in call:
-                call.update(width=req["width"], height=req["height"])
+                call.update(width=p.width, height=p.height)
         else:
-            call.update(width=req["width"], height=req["height"])
+            call.update(width=p.width, height=p.height)
 
         images = []
         image_index: list[int] = []
@@ -549,11 +470,11 @@ class DiffusersBackend(Backend):
                     interrupted = True
                     break
                 raise Cancelled("cancelled")
-            gens = [torch.Generator(device="cpu").manual_seed(req["seed"] + first + j) for j in range(batch)]
+            gens = [torch.Generator(device="cpu").manual_seed(req.seed + first + j) for j in range(batch)]
             scheduler_notes: list[str] = []
             with tiny_sd.quiet():
-                pipe.scheduler = _samplers.make_scheduler(req["sampler_name"], req["scheduler"],
-                                                          self._base_scheduler_config, scheduler_notes)
+                pipe.scheduler = _samplers.make_scheduler(req.sampler, req.scheduler, self._base_scheduler_config,
+                                                          scheduler_notes)
             for note in scheduler_notes:
                 if note not in notes:
                     notes.append(note)
@@ -574,15 +495,15 @@ class DiffusersBackend(Backend):
                 return {}
 
             args = dict(call)
-            args["prompt"] = [req["prompt"]] * batch
-            args["negative_prompt"] = [req["negative_prompt"]] * batch
+            args["prompt"] = [p.prompt] * batch
+            args["negative_prompt"] = [p.negative_prompt] * batch
             args["generator"] = gens
             args["callback_on_step_end"] = on_step
             if op == "img2img":
-                inits = req["init_images"]
+                inits = req.init_images
                 args["image"] = [inits[(first + j) % len(inits)] for j in range(batch)]
                 if "mask_image" in args:
-                    args["mask_image"] = [req["mask"]] * batch
+                    args["mask_image"] = [req.mask] * batch
             try:
                 with tiny_sd.quiet(), torch.inference_mode():
                     out = pipe(**args)
@@ -598,70 +519,24 @@ class DiffusersBackend(Backend):
                 break
             images.extend(out.images)
             image_index.extend(range(first, first + len(out.images)))
-        return self._result(req, images, image_index, interrupted, notes, t0)
+        return self._result(req, images, image_index, interrupted, t0)
 
-    def _result(self, req: dict[str, Any], images: list[Any], index: list[int], interrupted: bool,
-                notes: list[str], t0: float) -> dict[str, Any]:
-        from PIL.PngImagePlugin import PngInfo
-
-        seeds = [req["seed"] + i for i in index]
-        subseeds = [req["subseed"] + i for i in index]
-        infotexts = [self._infotext(req, s, ss) for s, ss in zip(seeds, subseeds, strict=True)]
+    def _result(self, req: _Request, images: list[Any], index: list[int], interrupted: bool,
+                t0: float) -> ImageResult:
+        """The job's result: ``images[i]`` (PNG; none unless ``send_images``) was made with seed ``seed + index[i]``."""
+        p = req.p
         blobs: list[bytes] = []
-        if req["send_images"]:
-            for img, text in zip(images, infotexts, strict=True):
-                info = PngInfo()
-                info.add_text("parameters", text)
+        if p.send_images:
+            for img in images:
                 buf = io.BytesIO()
-                img.save(buf, format="PNG", pnginfo=info)
+                img.save(buf, format="PNG")
                 blobs.append(buf.getvalue())
-        result: dict[str, Any] = {
-            "images": blobs,
-            "seeds": seeds,
-            "subseeds": subseeds,
-            "infotexts": infotexts,
-            "width": req["width"],
-            "height": req["height"],
-            "prompt": req["prompt"],
-            "negative_prompt": req["negative_prompt"],
-            "sampler_name": req["sampler_name"],
-            "scheduler": req["scheduler"],
-            "steps": req["steps"],
-            "cfg_scale": req["cfg_scale"],
-            "batch_size": req["batch_size"],
-            "n_iter": req["n_iter"],
-            "model": self.config.name,
-            "model_hash": self.meta.get("hash"),
-            "interrupted": interrupted,
-            "notes": notes,
-            "timings": {"total_s": round(time.perf_counter() - t0, 4)},
-        }
-        if req["op"] == "img2img":
-            result["denoising_strength"] = req["denoising_strength"]
-        return result
-
-    def _infotext(self, req: dict[str, Any], seed: int, subseed: int) -> str:
-        """A1111-style generation parameters, as stored in the PNG ``parameters`` chunk."""
-        parts = [f"Steps: {req['steps']}", f"Sampler: {req['sampler_name']}"]
-        if req["scheduler"] != "automatic":
-            label = next((s["label"] for s in _samplers.SCHEDULERS if s["name"] == req["scheduler"]),
-                         req["scheduler"])
-            parts.append(f"Schedule type: {label}")
-        parts += [f"CFG scale: {_fmt_num(req['cfg_scale'])}", f"Seed: {seed}",
-                  f"Size: {req['width']}x{req['height']}"]
-        if self.meta.get("hash"):
-            parts.append(f"Model hash: {self.meta['hash']}")
-        parts.append(f"Model: {self.config.name}")
-        if req["op"] == "img2img":
-            parts.append(f"Denoising strength: {_fmt_num(req['denoising_strength'])}")
-        if req["clip_skip"] is not None and int(req["clip_skip"]) > 1:
-            parts.append(f"Clip skip: {int(req['clip_skip'])}")
-        parts.append("Version: velesio")
-        lines = [req["prompt"]]
-        if req["negative_prompt"]:
-            lines.append(f"Negative prompt: {req['negative_prompt']}")
-        lines.append(", ".join(parts))
-        return "\n".join(lines)
+        return ImageResult(
+            images=blobs, seeds=[req.seed + i for i in index], subseeds=[req.subseed + i for i in index],
+            width=p.width, height=p.height, steps=p.steps, cfg_scale=float(p.cfg_scale), sampler_name=req.sampler,
+            scheduler=req.scheduler, denoising_strength=float(p.denoising_strength) if req.op == "img2img" else None,
+            clip_skip=p.clip_skip, model=self.config.name, model_hash=self.meta.get("hash"), interrupted=interrupted,
+            notes=req.notes, total_s=round(time.perf_counter() - t0, 4))
 
 
 def _lanczos() -> Any:

@@ -13,9 +13,28 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from velesio.backends import Backend, Cancelled, ContextExceeded, InvalidRequest, JobContext, ModelConfig, NotSupported
+from velesio.backends import (
+    Backend,
+    Cancelled,
+    ContextExceeded,
+    DetokenizeParams,
+    DetokenizeResult,
+    EmbeddingsParams,
+    EmbeddingsResult,
+    InvalidRequest,
+    JobContext,
+    ModelConfig,
+    NotSupported,
+    Result,
+    TemplateParams,
+    TemplateResult,
+    TextParams,
+    TextResult,
+    TokenizeParams,
+    TokenizeResult,
+)
 from velesio.backends.textutil import StopMatcher, render_plain_chat, template_name
-from velesio.mesh.jobs import TEXT_DEFAULTS, Job
+from velesio.mesh.jobs import Job
 from velesio.worker.cpu import available_cores
 
 if TYPE_CHECKING:
@@ -161,22 +180,23 @@ class LlamaCppBackend(Backend):
                 "n_threads": self.n_threads, "n_threads_batch": self.n_threads_batch}
 
     # ---- jobs --------------------------------------------------------------------------------
-    def run(self, job: Job, ctx: JobContext) -> dict[str, Any]:
-        if job.op == "embeddings":
-            return self._embeddings(job.params)
+    def run(self, job: Job, ctx: JobContext) -> Result:
+        p = job.params
+        if isinstance(p, EmbeddingsParams):
+            return self._embeddings(p)
         llm = self._pool.get()
         try:
-            if job.op == "tokenize":
-                return self._tokenize(llm, job.params)
-            if job.op == "detokenize":
-                return self._detokenize(llm, job.params)
-            if job.op == "apply_template":
-                return {"prompt": self._render_chat(job.params["messages"])[0]}
-            if job.op == "chat":
-                prompt, stops = self._render_chat(job.params["messages"])
-                return self._generate(llm, prompt, job.params, ctx, extra_stops=stops)
-            if job.op == "completion":
-                return self._generate(llm, job.params["prompt"], job.params, ctx)
+            if isinstance(p, TokenizeParams):
+                return self._tokenize(llm, p)
+            if isinstance(p, DetokenizeParams):
+                return self._detokenize(llm, p)
+            if isinstance(p, TemplateParams):
+                return TemplateResult(prompt=self._render_chat(p.messages)[0])
+            if isinstance(p, TextParams) and job.op == "chat":
+                prompt, stops = self._render_chat(p.messages)
+                return self._generate(llm, prompt, p, ctx, extra_stops=stops)
+            if isinstance(p, TextParams) and job.op == "completion":
+                return self._generate(llm, p.prompt, p, ctx)
             raise NotSupported(f"operation '{job.op}' is not served by {self.name}")
         finally:
             self._pool.put(llm)
@@ -189,51 +209,50 @@ class LlamaCppBackend(Backend):
         stop = out.stop if isinstance(out.stop, list) else [out.stop] if out.stop else []
         return out.prompt, [s for s in stop if isinstance(s, str)]
 
-    def _tokenize(self, llm, params: dict[str, Any]) -> dict[str, Any]:
-        content = params.get("content", "")
-        ids = llm.tokenize(content.encode(), add_bos=bool(params.get("add_special", False)), special=True)
-        if params.get("with_pieces"):
-            return {"tokens": [{"id": t, "piece": llm.detokenize([t], special=True).decode(errors="replace")}
-                               for t in ids]}
-        return {"tokens": ids}
+    def _tokenize(self, llm, p: TokenizeParams) -> TokenizeResult:
+        ids = llm.tokenize(p.content.encode(), add_bos=bool(p.add_special), special=True)
+        if p.with_pieces:
+            return TokenizeResult(tokens=[{"id": t, "piece": llm.detokenize([t], special=True).decode(errors="replace")}
+                                          for t in ids])
+        return TokenizeResult(tokens=list(ids))
 
-    def _detokenize(self, llm, params: dict[str, Any]) -> dict[str, Any]:
-        tokens = params.get("tokens") or []
+    def _detokenize(self, llm, p: DetokenizeParams) -> DetokenizeResult:
+        tokens = list(p.tokens)
         n_vocab = llm.n_vocab()
         if any(not (0 <= t < n_vocab) for t in tokens):
             raise InvalidRequest(f"tokens: ids must be between 0 and {n_vocab - 1}")
-        return {"content": llm.detokenize(tokens, special=True).decode(errors="replace")}
+        return DetokenizeResult(content=llm.detokenize(tokens, special=True).decode(errors="replace"))
 
-    def _embeddings(self, params: dict[str, Any]) -> dict[str, Any]:
+    def _embeddings(self, p: EmbeddingsParams) -> EmbeddingsResult:
         if self._embedder is None:
             raise NotSupported(f"model {self.config.name} is not loaded with embeddings "
                                "(set options.embeddings: true in mesh.yaml)")
         with self._embed_lock:
-            vector = self._embedder.embed(params.get("content", ""))
+            vector: Any = self._embedder.embed(p.content)
         if vector and isinstance(vector[0], list):  # per-token embeddings: mean-pool
             vector = [sum(col) / len(vector) for col in zip(*vector, strict=True)]
-        return {"embedding": vector}
+        return EmbeddingsResult(embedding=list(vector))
 
-    def _generate(self, llm, prompt: str, params: dict[str, Any], ctx: JobContext,
-                  extra_stops: Sequence[str] = ()) -> dict[str, Any]:
-        p = {**TEXT_DEFAULTS, **params}
-        prompt = prompt + (p.get("resume_text") or "")
+    def _generate(self, llm, prompt: str, p: TextParams, ctx: JobContext,
+                  extra_stops: Sequence[str] = ()) -> TextResult:
+        prompt = prompt + p.resume_text
         t0 = time.perf_counter()
         prompt_ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
         if len(prompt_ids) >= self.n_ctx:
             raise ContextExceeded(f"the prompt is {len(prompt_ids)} tokens; model {self.config.name} "
                                   f"has a context of {self.n_ctx} tokens")
-        max_tokens = int(p["max_tokens"])
+        max_tokens = int(p.max_tokens)
         if max_tokens == 0:
             self._evaluate_only(llm, prompt_ids)
             ms = (time.perf_counter() - t0) * 1000
-            return self._result("", "length", "limit", "", len(prompt_ids), 0, ms, 0.0)
+            return TextResult.timed(text="", finish_reason="length", stop_type="limit", prompt_tokens=len(prompt_ids),
+                                    completion_tokens=0, prompt_ms=ms, predicted_ms=0.0)
         room = self.n_ctx - len(prompt_ids)
         limit = room if max_tokens < 0 else min(max_tokens, room)
-        guard = self._grammar_guard(llm, p) if p.get("grammar") or p.get("json_schema") else None
+        guard = self._grammar_guard(llm, p) if p.grammar or p.json_schema else None
         counter = _Sampled()
 
-        banned = self._eog if p["ignore_eos"] and guard is None else []  # a guard applies ignore_eos itself
+        banned = self._eog if p.ignore_eos and guard is None else []  # a guard applies ignore_eos itself
 
         def count(ids, scores):
             # Called once per sampled token: counts tokens, times the first, applies the grammar and
@@ -247,19 +266,19 @@ class LlamaCppBackend(Backend):
                 scores[banned] = -float("inf")
             return scores
 
-        seed = p["seed"] if p["seed"] is not None and p["seed"] >= 0 else random.getrandbits(31)
-        if not p.get("cache_prompt", True):
+        seed = p.seed if p.seed is not None and p.seed >= 0 else random.getrandbits(31)
+        if not p.cache_prompt:
             # Reusing a cached prefix changes the batch shapes and so the last bits of the logits: a fixed
             # seed is only reproducible when the whole prompt is evaluated afresh (llama.cpp says the same).
             llm.reset()
-        matcher = StopMatcher(list(p["stop"]) + list(extra_stops))
+        matcher = StopMatcher(list(p.stop) + list(extra_stops))
         stream = llm.create_completion(
-            prompt_ids, max_tokens=limit, temperature=float(p["temperature"]), top_p=float(p["top_p"]),
-            top_k=int(p["top_k"]), min_p=float(p["min_p"]), typical_p=float(p["typical_p"]),
-            frequency_penalty=float(p["frequency_penalty"]), presence_penalty=float(p["presence_penalty"]),
-            repeat_penalty=float(p["repeat_penalty"]), seed=seed, stream=True,
-            mirostat_mode=int(p["mirostat"]), mirostat_tau=float(p["mirostat_tau"]),
-            mirostat_eta=float(p["mirostat_eta"]), logits_processor=[count])
+            prompt_ids, max_tokens=limit, temperature=float(p.temperature), top_p=float(p.top_p),
+            top_k=int(p.top_k), min_p=float(p.min_p), typical_p=float(p.typical_p),
+            frequency_penalty=float(p.frequency_penalty), presence_penalty=float(p.presence_penalty),
+            repeat_penalty=float(p.repeat_penalty), seed=seed, stream=True,
+            mirostat_mode=int(p.mirostat), mirostat_tau=float(p.mirostat_tau),
+            mirostat_eta=float(p.mirostat_eta), logits_processor=[count])
         text_parts: list[str] = []
         finish = "length"
         try:
@@ -291,10 +310,12 @@ class LlamaCppBackend(Backend):
         end = time.perf_counter()
         first = counter.first or end
         stop_type = "word" if matcher.stopped is not None else "eos" if finish == "stop" else "limit"
-        return self._result("".join(text_parts), finish, stop_type, matcher.stopped or "", len(prompt_ids),
-                            counter.n, (first - t0) * 1000, (end - first) * 1000, seed=seed)
+        return TextResult.timed(text="".join(text_parts), finish_reason=finish, stop_type=stop_type,
+                                stopping_word=matcher.stopped or "", prompt_tokens=len(prompt_ids),
+                                completion_tokens=counter.n, prompt_ms=(first - t0) * 1000,
+                                predicted_ms=(end - first) * 1000, seed=seed)
 
-    def _grammar_guard(self, llm, p: dict[str, Any]):
+    def _grammar_guard(self, llm, p: TextParams):
         """The request's grammar (or JSON schema) as a GrammarGuard, checked once against the whole vocabulary.
 
         The grammar never enters llama-cpp-python's sampler chain, where llama.cpp accepts each chosen token
@@ -304,11 +325,11 @@ class LlamaCppBackend(Backend):
 
         from velesio.backends.grammar_guard import GrammarGuard
 
-        field = "grammar" if p.get("grammar") else "json_schema"
+        field = "grammar" if p.grammar else "json_schema"
         try:
-            text = p["grammar"] if field == "grammar" else \
-                LlamaGrammar.from_json_schema(json.dumps(p["json_schema"]), verbose=False)._grammar
-            guard = GrammarGuard(llm._model.model, text, field, self._eog, llm.token_eos(), bool(p["ignore_eos"]))
+            text = p.grammar if p.grammar else \
+                LlamaGrammar.from_json_schema(json.dumps(p.json_schema), verbose=False)._grammar
+            guard = GrammarGuard(llm._model.model, text, field, self._eog, llm.token_eos(), bool(p.ignore_eos))
         except Exception as exc:
             raise InvalidRequest(f"{field}: cannot be compiled: {exc}") from None
         try:
@@ -328,13 +349,6 @@ class LlamaCppBackend(Backend):
         cached = min(cached, len(ids) - 1)
         llm.n_tokens = cached
         llm.eval(ids[cached:])
-
-    @staticmethod
-    def _result(text, finish, stop_type, word, prompt_n, predicted_n, prompt_ms, predicted_ms, seed=None):
-        return {"text": text, "finish_reason": finish, "stop_type": stop_type, "stopping_word": word,
-                "prompt_tokens": prompt_n, "completion_tokens": predicted_n, "seed": seed,
-                "timings": {"prompt_n": prompt_n, "prompt_ms": round(prompt_ms, 3),
-                            "predicted_n": predicted_n, "predicted_ms": round(predicted_ms, 3)}}
 
     def close(self) -> None:
         with self._threads_lock:

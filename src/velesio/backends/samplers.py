@@ -52,7 +52,8 @@ _TABLE: list[tuple[str, list[str], dict[str, Any], str, dict[str, Any]]] = [
     ("DPM2 a", ["k_dpm_2_a", "dpm2_a"],
      {"discard_next_to_last_sigma": "True", "uses_ensd": "True", "second_order": "True"},
      "KDPM2AncestralDiscreteScheduler", {}),
-    ("Euler a", ["k_euler_a", "k_euler_ancestral", "euler_a", "euler_ancestral", "euler-a"],
+    # k_euler_a_karras: some clients send it; there is no Karras variant of Euler a
+    ("Euler a", ["k_euler_a", "k_euler_ancestral", "euler_a", "euler_ancestral", "euler-a", "k_euler_a_karras"],
      {"uses_ensd": "True"}, "EulerAncestralDiscreteScheduler", {}),
     ("Euler", ["k_euler", "euler"], {}, "EulerDiscreteScheduler", {}),
     ("LMS", ["k_lms", "lms"], {}, "LMSDiscreteScheduler", {}),
@@ -103,8 +104,6 @@ _SAMPLER_INDEX: dict[str, str] = {}
 for _name, _aliases, _opts, _cls, _kw in _TABLE:
     for _key in [_name, *_aliases]:
         _SAMPLER_INDEX.setdefault(_norm(_key), _name)
-_SAMPLER_INDEX.setdefault(_norm("Euler Ancestral"), "Euler a")
-_SAMPLER_INDEX.setdefault(_norm("k_euler_a_karras"), "Euler a")  # some clients send it; no Karras variant
 
 _SCHEDULE_INDEX: dict[str, str] = {}
 for _name, _label, _schedule_aliases, _rho, _need, _kw in _SCHEDULE_TABLE:

@@ -18,7 +18,7 @@ from velesio import loop as event_loop
 from velesio.logs import setup_logging
 from velesio.mesh import curve
 
-from . import a1111_routes, dashboard_routes, llamacpp_routes, metrics, middleware, status_routes, text_routes
+from . import dashboard_routes, dialects, metrics, middleware, status_routes
 from .broker import Broker
 from .errors import ApiError
 from .keys import BROKER, CONFIG, SCHEDULER, STARTED
@@ -43,7 +43,8 @@ def init_app(cfg: mesh_config.RouterConfig) -> web.Application:
                                worker_wait_s=cfg.worker_wait_s, router_name=socket.gethostname(),
                                job_crash_limit=cfg.job_crash_limit,
                                default_models={"text": cfg.default_text_model, "image": cfg.default_image_model})
-    for module in (text_routes, llamacpp_routes, a1111_routes, status_routes, metrics, dashboard_routes):
+    dialects.setup(app)
+    for module in (status_routes, metrics, dashboard_routes):
         module.setup(app)
     app.cleanup_ctx.append(_mesh)
     return app

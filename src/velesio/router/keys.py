@@ -16,5 +16,4 @@ STARTED = web.AppKey("started", float)
 
 # Per-request state set by the middlewares.
 TOKEN_NAME = web.RequestKey("token_name", str)  # the caller's token name (never the token)
-ERROR_STYLE = web.RequestKey("error_style", str)  # the dialect shape errors take: seed, llamacpp, a1111
 RATE_HEADERS = web.RequestKey("rate_headers", dict)  # X-RateLimit-* headers for this request

@@ -111,7 +111,7 @@ class Metrics:
             n = result.get("completion_tokens")
             if outcome == "ok" and isinstance(n, int) and n > 0:
                 self.tokens.inc(model, n)
-                predicted_ms = (result.get("timings") or {}).get("predicted_ms")
+                predicted_ms = result.get("predicted_ms")
                 if predicted_ms:
                     self.tokens_per_second.observe(model, n / (predicted_ms / 1000))
 

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import base64
 import hmac
-import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 
-from .dialects import llamacpp
+from . import dialects
 from .errors import ApiError
-from .keys import CONFIG, ERROR_STYLE, RATE_HEADERS, TOKEN_NAME
+from .keys import CONFIG, RATE_HEADERS, TOKEN_NAME
 from .ratelimit import RATE_LIMITER
 
 log = logging.getLogger("velesio.router")
@@ -26,35 +24,10 @@ PUBLIC_PATHS = {"/health", "/v1/health"}
 # Paths that need a token but do not count against its rate limits.
 UNMETERED_PATHS = {"/sdapi/v1/progress"}
 
-# Paths whose errors use llama.cpp's shape (integer code) unless a handler says otherwise.
-LLAMACPP_PATHS = {"/tokenize", "/detokenize", "/template", "/apply-template", "/props", "/embeddings", "/slots",
-                  "/infill", "/v1/embeddings"}
-
-
-def error_body(err: ApiError, style: str) -> dict[str, Any]:
-    """The error shape of each dialect; every one keeps message and type (docs/clients.md)."""
-    if style == "llamacpp":
-        return {"error": {"code": err.status, "message": err.message, "type": err.type}}
-    body: dict[str, Any] = {"error": {"code": err.code, "message": err.message, "details": err.details,
-                                      "type": err.type, "param": err.param}}
-    if style == "a1111":
-        body["detail"] = err.message
-    return body
-
-
-def error_style(request: web.Request) -> str:
-    style = request.get(ERROR_STYLE)
-    if style:
-        return style
-    if request.path in LLAMACPP_PATHS:
-        return "llamacpp"
-    if request.path.startswith("/sdapi/"):
-        return "a1111"
-    return "seed"
-
-
-def error_response(request: web.Request, err: ApiError) -> web.Response:
-    response = web.json_response(error_body(err, error_style(request)), status=err.status)
+async def error_response(request: web.Request, err: ApiError) -> web.Response:
+    """The error in the shape of the request's dialect (router/dialects)."""
+    dialect = await dialects.dialect_of(request)
+    response = web.json_response(dialect.error_body(err), status=err.status)
     response.headers.update(err.headers)
     return response
 
@@ -63,26 +36,12 @@ _HTTP_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 40
                405: "method_not_allowed", 413: "payload_too_large", 429: "rate_limited"}
 
 
-async def _sniff_dialect(request: web.Request) -> None:
-    """/completion serves two dialects; an error raised before the handler read the body (401, 429) still
-    gets the llama.cpp shape when the body is llama.cpp's (LLM for Unity v3 reads ``code`` as an int)."""
-    if request.path != "/completion" or ERROR_STYLE in request or (request.content_length or 0) > 2**20:
-        return
-    try:
-        body = json.loads(await request.read())
-    except Exception:
-        return
-    if isinstance(body, dict) and llamacpp.wants(body):
-        request[ERROR_STYLE] = "llamacpp"
-
-
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as err:
-        await _sniff_dialect(request)
-        return error_response(request, err)
+        return await error_response(request, err)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -91,12 +50,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                    405: f"method {request.method} is not allowed on {request.path}",
                    413: "request body too large"}.get(exc.status, exc.reason)
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
-        return error_response(request, ApiError(code, message, status=exc.status, headers=headers))
+        return await error_response(request, ApiError(code, message, status=exc.status, headers=headers))
     except (ConnectionResetError, ConnectionError):
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(request, ApiError("internal_error", "internal server error"))
+        return await error_response(request, ApiError("internal_error", "internal server error"))
 
 
 @web.middleware

@@ -1,4 +1,4 @@
-"""Runs one job for an HTTP handler: resolve the model, submit, then answer whole or as SSE.
+"""Runs one admitted job (router/admission.py) for an HTTP handler: submit, then answer whole or as SSE.
 
 A stream writes exactly one SSE event per ``write()`` (one HTTP chunk each), with no comments or
 keep-alive lines, because LLM for Unity v3 parses every network chunk as one JSON object."""
@@ -10,21 +10,23 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from velesio.mesh.jobs import Job
+from velesio.mesh.params import Result, result_from_wire
 
-from . import admission
+from .admission import Admitted
 from .errors import ApiError
 from .keys import RATE_HEADERS, SCHEDULER
 from .scheduler import JobRecord
 
 
 class Renderer(Protocol):
-    done_marker: bool
+    """How a dialect answers one job: whole (``render``) or as a stream of SSE events."""
 
-    def render(self, result: dict[str, Any]) -> dict[str, Any]: ...
+    done_marker: bool  # end a stream with ``data: [DONE]``
+
+    def render(self, result: Any) -> dict[str, Any]: ...
     def start(self) -> list[dict[str, Any]]: ...
     def chunk(self, chunk: dict[str, Any]) -> list[dict[str, Any]]: ...
-    def end(self, result: dict[str, Any]) -> list[dict[str, Any]]: ...
+    def end(self, result: Any) -> list[dict[str, Any]]: ...
     def error(self, err: ApiError) -> list[dict[str, Any]]: ...
 
 
@@ -66,21 +68,19 @@ def sse(event: Any) -> bytes:
     return b"data: " + dumps_bytes(event) + b"\n\n"
 
 
-async def submit(request: web.Request, job: Job) -> JobRecord:
-    scheduler = request.app[SCHEDULER]
-    job.model = await scheduler.resolve_model(job.op, job.model or None)
-    admission.check(job, scheduler.model_info(job.model) or {})
-    return scheduler.submit(job)
+def _result(rec: JobRecord, payload: dict[str, Any]) -> Result:
+    return result_from_wire(rec.job.op, payload)
 
 
-async def result_of(request: web.Request, job: Job) -> dict[str, Any]:
-    """Run a job to its end and return its result (raises ApiError on a job error)."""
-    rec = await submit(request, job)
+async def result_of(request: web.Request, admitted: Admitted) -> Result:
+    """Run an admitted job to its end and return its result (raises ApiError on a job error)."""
+    job = admitted.job
+    rec = request.app[SCHEDULER].submit(job)
     try:
         while True:
             kind, payload = await rec.events.get()
             if kind == "final":
-                return payload
+                return _result(rec, payload)
             if kind == "error":
                 payload.headers.setdefault("X-Request-Id", job.id)  # the id the logs name the job by
                 raise payload
@@ -89,12 +89,13 @@ async def result_of(request: web.Request, job: Job) -> dict[str, Any]:
             request.app[SCHEDULER].cancel(rec)
 
 
-async def respond(request: web.Request, job: Job, renderer: Renderer) -> web.StreamResponse:
+async def respond(request: web.Request, admitted: Admitted, renderer: Renderer) -> web.StreamResponse:
+    job = admitted.job
     if not job.stream:
-        result = await result_of(request, job)
+        result = await result_of(request, admitted)
         return json_response(renderer.render(result), headers={"X-Request-Id": job.id})
-    rec = await submit(request, job)
     scheduler = request.app[SCHEDULER]
+    rec = scheduler.submit(job)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no", "X-Request-Id": job.id,
                                            **request.get(RATE_HEADERS, {})})
@@ -107,7 +108,7 @@ async def respond(request: web.Request, job: Job, renderer: Renderer) -> web.Str
             if kind == "partial":
                 events = renderer.chunk(payload)
             elif kind == "final":
-                events = renderer.end(payload)
+                events = renderer.end(_result(rec, payload))
             else:
                 events = renderer.error(payload)
             for event in events:

@@ -16,6 +16,7 @@ import msgpack
 
 from velesio.mesh import codec, messages, protocol
 from velesio.mesh.jobs import Job
+from velesio.mesh.params import TextParams, TextResult, to_wire
 from velesio.mesh.protocol import Command
 
 from .errors import ApiError
@@ -25,7 +26,6 @@ __all__ = ["JobRecord", "Scheduler", "WorkerState"]
 
 log = logging.getLogger("velesio.router")
 
-TEXT_STREAM_OPS = ("completion", "chat")
 MAX_ATTEMPTS = 4
 JOB_CRASH_LIMIT = 1  # backends a job may crash, alone in them, before it ends with job_crashed_backend
 SHARED_CRASH_LIMIT = 2  # backends a job may be in when they crash among other jobs
@@ -33,11 +33,12 @@ SHARED_CRASH_LIMIT = 2  # backends a job may be in when they crash among other j
 
 def params_digest(job: Job) -> str:
     """What a log may say of a job's parameters: a digest and their sizes, never the prompt or the token."""
+    fields = to_wire(job.params)
     try:
-        packed = msgpack.packb([job.op, job.params], use_bin_type=True)
+        packed = msgpack.packb([job.op, fields], use_bin_type=True)
     except Exception:  # noqa: BLE001 - parameters that cannot be packed were refused before dispatch
-        packed = repr(sorted(job.params)).encode()
-    sizes = ",".join(f"{k}={len(v)}" for k, v in sorted(job.params.items()) if isinstance(v, (str, list, dict)))
+        packed = repr(sorted(fields)).encode()
+    sizes = ",".join(f"{k}={len(v)}" for k, v in sorted(fields.items()) if isinstance(v, (str, list, dict)) and v)
     return f"sha256:{hashlib.sha256(packed).hexdigest()[:16]} {job.op} [{sizes}]"
 
 
@@ -236,15 +237,15 @@ class Scheduler:
             self._finish(rec, "error", ApiError("no_worker", f"job failed {job.attempt} times ({reason})"))
             return
         job.attempt += 1
-        if job.op in TEXT_STREAM_OPS and rec.visible:
-            job.params["resume_text"] = rec.text_so_far
-            budget = job.params.get("max_tokens", -1)
-            if isinstance(budget, int) and budget > 0:
-                job.params["max_tokens"] = budget - (rec.tokens_so_far - rec.tokens_resumed)
+        if isinstance(job.params, TextParams) and rec.visible:
+            job.params.resume_text = rec.text_so_far
+            budget = job.params.max_tokens
+            if budget > 0:
+                job.params.max_tokens = budget - (rec.tokens_so_far - rec.tokens_resumed)
                 rec.tokens_resumed = rec.tokens_so_far
-                if job.params["max_tokens"] <= 0:
-                    self._finish(rec, "final", {"text": "", "finish_reason": "length", "stop_type": "limit",
-                                                "completion_tokens": 0, "resumed": True})
+                if job.params.max_tokens <= 0:
+                    self._finish(rec, "final", to_wire(TextResult(finish_reason="length", stop_type="limit",
+                                                                   completion_tokens=rec.tokens_so_far)))
                     return
         rec.progress = {}
         log.warning("job %s: %s; re-dispatching as attempt %d", job.id, reason, job.attempt)

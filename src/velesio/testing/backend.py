@@ -4,12 +4,14 @@
 from velesio.testing import run_backend
 
 run = run_backend(EchoBackend, {"op": "completion", "params": {"prompt": "a b c", "stop": ["a"]}})
-assert run.ok and run.text == "c b " and run.result["stopping_word"] == "a"
+assert run.ok and run.text == "c b " and run.result.stopping_word == "a"
 ```
 
-What the backend process applies is applied here too: the result and every chunk cross msgpack (what the
-router receives: tuples become lists), and an exception ends the job with the error code the router would
-see (``reported_code``: a ``BackendError`` code outside ``ERROR_CODES``, or any other exception, becomes
+The params are a map of fields, which get the mesh's defaults (velesio.mesh.params) as a router's would, or a
+typed params object. What the backend process applies is applied here too: the result and every chunk cross
+msgpack (what the router receives: tuples become lists), a result that is not the type of its operation is
+an ``internal_error``, and an exception ends the job with the error code the router would see
+(``reported_code``: a ``BackendError`` code outside ``ERROR_CODES``, or any other exception, becomes
 ``internal_error``, with a warning). ``run()`` is called in the calling thread.
 """
 
@@ -22,14 +24,13 @@ from typing import Any
 import msgpack
 
 from velesio.backends import Backend, BackendError, JobContext, ModelConfig, reported_code
-from velesio.mesh.jobs import TEXT_DEFAULTS, Job
+from velesio.mesh.jobs import Job
+from velesio.mesh.params import PARAMS_BY_OP, RESULT_BY_OP, Params, Result, params_from_wire, result_from_wire, to_wire
 from velesio.mesh.protocol import ERROR_CODES
 
 __all__ = ["BackendRun", "load_backend", "run_backend"]
 
 log = logging.getLogger("velesio.testing")
-
-TEXT_GENERATION = ("completion", "chat")
 
 
 @dataclasses.dataclass
@@ -38,7 +39,7 @@ class BackendRun:
 
     job: Job
     chunks: list[dict[str, Any]]  # everything ``ctx.emit`` / ``ctx.progress`` sent, in order, as the router gets it
-    result: dict[str, Any] | None  # what ``run()`` returned (after msgpack); None when it raised
+    result: Result | None  # what ``run()`` returned, as the router reads it (after msgpack); None when it failed
     error: BaseException | None = None  # what ``run()`` raised
     code: str | None = None  # the error code the router receives (None when the job succeeded)
     message: str | None = None  # the error message the router receives
@@ -74,14 +75,30 @@ def load_backend(backend: type[Backend], config: ModelConfig | None = None) -> t
     return instance, dict(instance.load() or {})
 
 
+def _params(op: str, params: Params | dict[str, Any] | None) -> Params:
+    """The typed params of ``op``: ``params`` itself, or built from a map of fields with the mesh's defaults
+    for the others (as a router sends them). A field the op's params do not have is an error here (a typo in a
+    test), where the wire drops it."""
+    cls = PARAMS_BY_OP.get(op)
+    if cls is None:
+        raise ValueError(f"unknown operation {op!r} (one of {', '.join(PARAMS_BY_OP)})")
+    if params is None or isinstance(params, dict):
+        fields = dict(params or {})
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no field {', '.join(map(repr, unknown))}")
+        return params_from_wire(op, fields)
+    if not isinstance(params, cls):
+        raise TypeError(f"operation {op!r} takes {cls.__name__}, not {type(params).__name__}")
+    return params
+
+
 def _job(job: Job | dict[str, Any], model: str) -> Job:
     if isinstance(job, Job):
         return job
     op = str(job.get("op") or "completion")
-    params = dict(job.get("params") or {})
-    if op in TEXT_GENERATION:  # the router fills every text parameter, its defaults where a client set none
-        params = {**TEXT_DEFAULTS, **params}
-    return Job(op=op, model=str(job.get("model") or model), params=params, stream=bool(job.get("stream", True)))
+    return Job(op=op, model=str(job.get("model") or model), params=_params(op, job.get("params")),
+               stream=bool(job.get("stream", True)))
 
 
 def run_backend(backend: Backend | type[Backend], job: Job | dict[str, Any], *, config: ModelConfig | None = None,
@@ -90,8 +107,9 @@ def run_backend(backend: Backend | type[Backend], job: Job | dict[str, Any], *, 
 
     - ``backend``: a loaded instance, or a class, which is instantiated with ``config`` (see ``load_backend``)
       and loaded once.
-    - ``job``: a ``Job``, or a dict ``{"op", "params", "model"?, "stream"?}``; for ``completion`` and ``chat``
-      the params get ``TEXT_DEFAULTS`` where unset, as the router's would; ``stream`` defaults to true.
+    - ``job``: a ``Job``, or a dict ``{"op", "params", "model"?, "stream"?}`` whose ``params`` are the op's typed
+      params (``TextParams``, ...) or a dict of their fields, the others getting the mesh's defaults as a router
+      sends them (so ``max_tokens`` is 150 unless given); ``stream`` defaults to true.
     - ``cancel_after``: cancel the job (``ctx.cancel(keep_partial)``) once that many text chunks were emitted,
       as the worker does when the client goes away; 0 cancels it before ``run()`` starts.
     """
@@ -122,8 +140,17 @@ def run_backend(backend: Backend | type[Backend], job: Job | dict[str, Any], *, 
         else:
             message = f"the backend failed: {type(exc).__name__}: {exc}"
         return BackendRun(the_job, chunks, None, exc, code, message, cancelled=ctx.cancelled)
+    expected = RESULT_BY_OP.get(the_job.op)
+    if expected is None or not isinstance(result, expected):  # a backend bug: the router reads each op's type
+        wanted = expected.__name__ if expected is not None else "result of a known operation"
+        log.warning("backend %s returned %s for %s, not a %s; reported as internal_error", backend.name,
+                    type(result).__name__, the_job.op, wanted)
+        return BackendRun(the_job, chunks, None, TypeError(f"{type(result).__name__} is not a {wanted}"),
+                          "internal_error", f"the backend of model {backend.config.name} returned a "
+                          f"{type(result).__name__}, not a {wanted}", cancelled=ctx.cancelled)
     try:
-        return BackendRun(the_job, chunks, _wire(result), cancelled=ctx.cancelled)
+        return BackendRun(the_job, chunks, result_from_wire(the_job.op, _wire(to_wire(result))),
+                          cancelled=ctx.cancelled)
     except (TypeError, ValueError) as exc:  # a result msgpack cannot carry (a backend bug)
         return BackendRun(the_job, chunks, None, exc, "internal_error",
                           f"the backend of model {backend.config.name} returned an unsendable result",

@@ -21,6 +21,7 @@ from typing import Any, cast
 
 from velesio.mesh import codec, messages, protocol
 from velesio.mesh.jobs import Job
+from velesio.mesh.params import Result, params_from_wire, to_wire
 from velesio.mesh.protocol import Command
 from velesio.router.records import JobRecord
 from velesio.router.scheduler import Scheduler
@@ -80,8 +81,10 @@ class FakeMesh:
     # ---- jobs --------------------------------------------------------------------------------
     def submit(self, op: str = "completion", model: str = "m", *, stream: bool = False,
                **params: Any) -> JobRecord:
+        """A job as a dialect hands it over: ``params`` are fields of the op's params type (velesio.mesh.params),
+        the mesh's defaults for the others; ``prompt`` is "x" unless given."""
         params.setdefault("prompt", "x")
-        return self.scheduler.submit(Job(op=op, model=model, params=params, stream=stream))
+        return self.scheduler.submit(Job(op=op, model=model, params=params_from_wire(op, params), stream=stream))
 
     def cancel(self, rec: JobRecord, keep: bool = False) -> None:
         self.scheduler.cancel(rec, keep)
@@ -156,9 +159,13 @@ class FakeMesh:
             chunk = {"text": text or "", "tokens": list(tokens) if tokens is not None else [0]}
         self.deliver(identity, Command.PARTIAL, messages.partial(request["id"], request["attempt"], [chunk]))
 
-    def final(self, identity: bytes, request: dict[str, Any], result: dict[str, Any] | None = None) -> None:
-        self.deliver(identity, Command.FINAL, messages.final(request["id"], request["attempt"],
-                                                             result if result is not None else {"text": "ok"}))
+    def final(self, identity: bytes, request: dict[str, Any], result: Result | dict[str, Any] | None = None) -> None:
+        """FINAL for the attempt of ``request``: ``result`` (a typed result, or a map of its fields, as on the
+        wire), by default ``{"text": "ok"}``."""
+        if result is None:
+            result = {"text": "ok"}
+        wire = result if isinstance(result, dict) else to_wire(result)
+        self.deliver(identity, Command.FINAL, messages.final(request["id"], request["attempt"], wire))
 
     def error(self, identity: bytes, request: dict[str, Any], code: str, message: str | None = None,
               details: dict[str, Any] | None = None) -> None:

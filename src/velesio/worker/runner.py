@@ -29,6 +29,7 @@ from velesio.backends import Backend, BackendError, JobContext, ModelConfig, rep
 from velesio.logs import setup_logging
 from velesio.mesh import codec, messages
 from velesio.mesh.jobs import Job
+from velesio.mesh.params import RESULT_BY_OP, to_wire
 from velesio.mesh.protocol import ERROR_CODES, Command
 
 from . import ipc
@@ -143,7 +144,14 @@ class Runner:
     def start_job(self, key: int, wire: dict[str, Any], window_s: float) -> None:
         if self.loop is None:
             raise RuntimeError("the backend process is not serving yet")
-        job = Job.from_wire(wire)
+        try:
+            job = Job.from_wire(wire)
+        except ValueError as exc:  # an operation this version does not know (the worker refuses those first)
+            attempt = wire.get("attempt")
+            self.pipe.send([ipc.END, key, codec.encode(Command.ERROR, messages.error(
+                str(wire.get("id")), attempt if isinstance(attempt, int) else -1, "invalid_request",
+                f"the job cannot be run here: {exc}")), "invalid_request"])
+            return
         partials = PartialBatch(_PipeLink(self.pipe, key), job.id, job.attempt, window_s, self.loop)
         forward = job.stream
         last_progress = [0.0]
@@ -172,9 +180,19 @@ class Runner:
             result, exc = None, err
         partials.flush()
         self.jobs.pop(key, None)
-        if exc is None:
+        expected = RESULT_BY_OP.get(job.op)
+        if exc is None and (expected is None or not isinstance(result, expected)):
+            # A backend bug: the router reads the result of each operation as its type (mesh/params.py).
+            wanted = expected.__name__ if expected is not None else "a result"
+            log.warning("job %s: backend %s (model %s) returned %s for %s, not a %s; reported as internal_error",
+                        job.id, getattr(self.backend, "name", "?"), self.name, type(result).__name__, job.op, wanted)
+            frame = codec.encode(Command.ERROR, messages.error(
+                job.id, job.attempt, "internal_error",
+                f"the backend of model {self.name} returned a {type(result).__name__}, not a {wanted}"))
+            outcome = "internal_error"
+        elif exc is None:
             try:
-                frame, outcome = codec.encode(Command.FINAL, messages.final(job.id, job.attempt, result)), "ok"
+                frame, outcome = codec.encode(Command.FINAL, messages.final(job.id, job.attempt, to_wire(result))), "ok"
             except (TypeError, ValueError) as err:  # a result msgpack cannot carry (a backend bug)
                 log.error("job %s: the result of %s cannot be sent: %s", job.id, self.name, err)
                 frame, outcome = codec.encode(Command.ERROR, messages.error(

@@ -15,6 +15,7 @@ from typing import Any
 
 import zmq
 
+import velesio
 from velesio.mesh import codec, messages, protocol
 from velesio.mesh.codec import COPY_THRESHOLD
 from velesio.mesh.jobs import Job
@@ -140,7 +141,15 @@ class Worker:
         try:
             job = Job.from_wire(body)
         except (KeyError, TypeError, ValueError) as exc:
-            log.warning("bad REQUEST from %s: %s", link.address, exc)
+            # An operation this version does not know (a newer router), or a malformed body: the job ends
+            # here, with an answer whenever the body says which job it is.
+            why = f"no {exc} field" if isinstance(exc, KeyError) else str(exc)
+            log.warning("bad REQUEST from %s: %s", link.address, why)
+            job_id, attempt = body.get("id"), body.get("attempt", 1)
+            if isinstance(job_id, str) and isinstance(attempt, int) and not isinstance(attempt, bool):
+                link.send(Command.ERROR, messages.error(
+                    job_id, attempt, "invalid_request",
+                    f"worker {self.name} (velesio {velesio.__version__}) cannot run this job: {why}"))
             return
         model = self.models.get(job.model)
         if model is None or job.op not in model.operations:

@@ -1,6 +1,7 @@
-"""llama.cpp's /completion dialect (the llama.cpp server, LLM for Unity v2 and v3).
+"""llama.cpp's /completion: parsing a body into a typed job and rendering results in llama.cpp's shapes
+(the llama.cpp server, LLM for Unity v2 and v3). No HTTP here; dialects/llamacpp/routes.py has the handlers.
 
-POST /completion is shared with the seed's shape (router/text_routes.py): a body that uses any field only
+POST /completion is shared with the seed's shape (dialects/seed): a body that uses any field only
 llama.cpp knows (``n_predict``, ``id_slot``, ``cache_prompt``, ``grammar`` ... see ``LLAMACPP_FIELDS``) or a
 token-array prompt is answered here, in llama.cpp's shapes:
 
@@ -23,16 +24,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
-
 from velesio.mesh.jobs import Job
+from velesio.mesh.params import MAX_TOKENS, TextParams, TextResult
 
-from ..errors import ApiError, invalid
-from ..keys import ERROR_STYLE, SCHEDULER
-from ..relay import respond, result_of
-from ..validation import get_bool, get_float, get_int, get_model, get_stop, get_str
-
-MAX_TOKENS_CAP = 32768
+from ...errors import ApiError, invalid
+from ...validation import get_bool, get_float, get_int, get_model, get_stop, get_str
 
 # Fields that only llama.cpp's /completion knows; any of them selects this dialect.
 LLAMACPP_FIELDS = frozenset({
@@ -44,23 +40,14 @@ LLAMACPP_FIELDS = frozenset({
 })
 LLAMACPP_PREFIXES = ("dry_", "xtc_", "dynatemp_")
 
-# llama.cpp's defaults (tools/server/README.md, "POST /completion").
+# llama.cpp's defaults (tools/server/README.md, "POST /completion") where they differ from the mesh's
+# (velesio.mesh.params.TextParams): the one overlay of this dialect, applied when the job is built.
 DEFAULTS: dict[str, Any] = {
-    "n_predict": -1,
+    "max_tokens": -1,  # n_predict
     "temperature": 0.8,
-    "top_k": 40,
     "top_p": 0.95,
     "min_p": 0.05,
-    "typical_p": 1.0,
     "repeat_penalty": 1.1,
-    "repeat_last_n": 64,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "mirostat": 0,
-    "mirostat_tau": 5.0,
-    "mirostat_eta": 0.1,
-    "seed": -1,
-    "ignore_eos": False,
 }
 
 RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: "pick one at random"
@@ -109,28 +96,33 @@ def prompt_parts(body: dict[str, Any]) -> list[str | list[int]]:
 
 
 def _seed(body: dict[str, Any]) -> int | None:
-    seed = get_int(body, "seed", DEFAULTS["seed"], lo=-(2**63), hi=2**64 - 1)
+    seed = get_int(body, "seed", -1, lo=-(2**63), hi=2**64 - 1)
     if seed < 0 or seed == RANDOM_SEED:
         return None  # random, like llama.cpp's -1
     return seed % 2**32
 
 
-# Sampling fields: name -> how it is read from a body (a 400 naming the field when it is out of range).
+# Sampling fields: name -> how a body's value (never null) is read (a 400 naming the field when it is out
+# of range, llama.cpp's ranges).
 SAMPLING: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "temperature": lambda b: max(0.0, get_float(b, "temperature", DEFAULTS["temperature"], hi=100.0)),
-    "top_k": lambda b: max(0, get_int(b, "top_k", DEFAULTS["top_k"])),
-    "top_p": lambda b: get_float(b, "top_p", DEFAULTS["top_p"], lo=0.0, hi=1.0),
-    "min_p": lambda b: get_float(b, "min_p", DEFAULTS["min_p"], lo=0.0, hi=1.0),
-    "typical_p": lambda b: get_float(b, "typical_p", DEFAULTS["typical_p"], lo=0.0, hi=1.0),
-    "repeat_penalty": lambda b: get_float(b, "repeat_penalty", DEFAULTS["repeat_penalty"], lo=0.0, hi=10.0),
-    "repeat_last_n": lambda b: get_int(b, "repeat_last_n", DEFAULTS["repeat_last_n"], lo=-1),
-    "presence_penalty": lambda b: get_float(b, "presence_penalty", 0.0, lo=-2.0, hi=2.0),
-    "frequency_penalty": lambda b: get_float(b, "frequency_penalty", 0.0, lo=-2.0, hi=2.0),
-    "mirostat": lambda b: get_int(b, "mirostat", 0, lo=0, hi=2),
-    "mirostat_tau": lambda b: get_float(b, "mirostat_tau", DEFAULTS["mirostat_tau"], lo=0.0),
-    "mirostat_eta": lambda b: get_float(b, "mirostat_eta", DEFAULTS["mirostat_eta"], lo=0.0),
+    "temperature": lambda b: max(0.0, get_float(b, "temperature", hi=100.0)),
+    "top_k": lambda b: max(0, get_int(b, "top_k")),
+    "top_p": lambda b: get_float(b, "top_p", lo=0.0, hi=1.0),
+    "min_p": lambda b: get_float(b, "min_p", lo=0.0, hi=1.0),
+    "typical_p": lambda b: get_float(b, "typical_p", lo=0.0, hi=1.0),
+    "repeat_penalty": lambda b: get_float(b, "repeat_penalty", lo=0.0, hi=10.0),
+    "repeat_last_n": lambda b: get_int(b, "repeat_last_n", lo=-1),
+    "presence_penalty": lambda b: get_float(b, "presence_penalty", lo=-2.0, hi=2.0),
+    "frequency_penalty": lambda b: get_float(b, "frequency_penalty", lo=-2.0, hi=2.0),
+    "mirostat": lambda b: get_int(b, "mirostat", lo=0, hi=2),
+    "mirostat_tau": lambda b: get_float(b, "mirostat_tau", lo=0.0),
+    "mirostat_eta": lambda b: get_float(b, "mirostat_eta", lo=0.0),
 }
-SAMPLING_DEFAULTS = {name: read({}) for name, read in SAMPLING.items()}  # what a body without them gets
+
+
+def default_params() -> TextParams:
+    """What a llama.cpp body that names no field gets."""
+    return TextParams(**DEFAULTS)
 
 
 def parse(body: dict[str, Any], prompt: str | None = None) -> Job:
@@ -141,9 +133,9 @@ def parse(body: dict[str, Any], prompt: str | None = None) -> Job:
         if not all(isinstance(p, str) for p in parts):
             raise invalid("prompt", "token ids must be detokenized first (POST /completion does that)")
         prompt = "".join(parts)  # type: ignore[arg-type]
-    n_predict = get_int(body, "n_predict", None, lo=-1, hi=MAX_TOKENS_CAP)
+    n_predict = get_int(body, "n_predict", None, lo=-1, hi=MAX_TOKENS)
     if n_predict is None:  # llama.cpp also reads max_tokens
-        n_predict = get_int(body, "max_tokens", DEFAULTS["n_predict"], lo=-1, hi=MAX_TOKENS_CAP)
+        n_predict = get_int(body, "max_tokens", DEFAULTS["max_tokens"], lo=-1, hi=MAX_TOKENS)
     if get_int(body, "n_probs", 0) > 0:
         raise invalid("n_probs", "token probabilities are not supported")
     grammar = get_str(body, "grammar", None) or None
@@ -154,13 +146,14 @@ def parse(body: dict[str, Any], prompt: str | None = None) -> Job:
         schema = None  # any JSON value: no constraint
     if grammar and schema not in (None, False):
         raise invalid("grammar", 'either "json_schema" or "grammar" can be given, not both')
-    params = {"prompt": prompt, "max_tokens": n_predict, **SAMPLING_DEFAULTS, "stop": get_stop(body),
-              "seed": _seed(body), "ignore_eos": get_bool(body, "ignore_eos"), "grammar": grammar,
-              "json_schema": schema if isinstance(schema, dict) else None}
-    for name in body:  # a request names a few of the sampling fields; the others keep their defaults
+    fields: dict[str, Any] = {**DEFAULTS, "prompt": prompt, "max_tokens": n_predict, "stop": get_stop(body),
+                              "seed": _seed(body), "ignore_eos": get_bool(body, "ignore_eos"), "grammar": grammar,
+                              "json_schema": schema if isinstance(schema, dict) else None}
+    for name, value in body.items():  # a request names a few of the sampling fields; the others keep defaults
         read = SAMPLING.get(name)
-        if read is not None:
-            params[name] = read(body)
+        if read is not None and value is not None:
+            fields[name] = read(body)
+    params = TextParams(**fields)
     return Job(op="completion", model=get_model(body) or "", params=params, stream=get_bool(body, "stream"))
 
 
@@ -188,44 +181,44 @@ def _pick(obj: dict[str, Any], fields: list[str]) -> dict[str, Any]:
 
 
 # ---- responses -------------------------------------------------------------------------------
-def generation_settings(params: dict[str, Any], n_ctx: int, model: str, *, seed: int | None = None,
+def generation_settings(params: TextParams, n_ctx: int, model: str, *, seed: int | None = None,
                         stream: bool = False) -> dict[str, Any]:
     """llama.cpp's ``generation_settings``: n_ctx plus the sampling parameters in effect."""
     return {
         "n_ctx": n_ctx,
-        "n_predict": params.get("max_tokens", DEFAULTS["n_predict"]),
+        "n_predict": params.max_tokens,
         "model": model,
         "seed": RANDOM_SEED if seed is None else seed,
-        "temperature": params.get("temperature", DEFAULTS["temperature"]),
+        "temperature": params.temperature,
         "dynatemp_range": 0.0,
         "dynatemp_exponent": 1.0,
-        "top_k": params.get("top_k", DEFAULTS["top_k"]),
-        "top_p": params.get("top_p", DEFAULTS["top_p"]),
-        "min_p": params.get("min_p", DEFAULTS["min_p"]),
+        "top_k": params.top_k,
+        "top_p": params.top_p,
+        "min_p": params.min_p,
         "xtc_probability": 0.0,
         "xtc_threshold": 0.1,
-        "typical_p": params.get("typical_p", DEFAULTS["typical_p"]),
-        "repeat_last_n": params.get("repeat_last_n", DEFAULTS["repeat_last_n"]),
-        "repeat_penalty": params.get("repeat_penalty", DEFAULTS["repeat_penalty"]),
-        "presence_penalty": params.get("presence_penalty", 0.0),
-        "frequency_penalty": params.get("frequency_penalty", 0.0),
-        "mirostat": params.get("mirostat", 0),
-        "mirostat_tau": params.get("mirostat_tau", DEFAULTS["mirostat_tau"]),
-        "mirostat_eta": params.get("mirostat_eta", DEFAULTS["mirostat_eta"]),
-        "stop": list(params.get("stop") or []),
-        "max_tokens": params.get("max_tokens", DEFAULTS["n_predict"]),
+        "typical_p": params.typical_p,
+        "repeat_last_n": params.repeat_last_n,
+        "repeat_penalty": params.repeat_penalty,
+        "presence_penalty": params.presence_penalty,
+        "frequency_penalty": params.frequency_penalty,
+        "mirostat": params.mirostat,
+        "mirostat_tau": params.mirostat_tau,
+        "mirostat_eta": params.mirostat_eta,
+        "stop": list(params.stop),
+        "max_tokens": params.max_tokens,
         "n_keep": 0,
-        "ignore_eos": params.get("ignore_eos", False),
+        "ignore_eos": params.ignore_eos,
         "stream": stream,
         "n_probs": 0,
-        "grammar": params.get("grammar") or "",
-        "json_schema": params.get("json_schema"),
+        "grammar": params.grammar or "",
+        "json_schema": params.json_schema,
     }
 
 
 def default_settings(n_ctx: int, model: str) -> dict[str, Any]:
     """/props ``default_generation_settings``."""
-    params = generation_settings({"max_tokens": DEFAULTS["n_predict"]}, n_ctx, model)
+    params = generation_settings(default_params(), n_ctx, model)
     params.pop("n_ctx")
     params.pop("model")
     return {"n_ctx": n_ctx, "params": params, "model": model}
@@ -238,12 +231,9 @@ def _per(n: int, ms: float) -> tuple[float, float]:
     return round(per_token, 3), round(per_second, 3)
 
 
-def timings(result: dict[str, Any]) -> dict[str, Any]:
-    t = result.get("timings") or {}
-    prompt_n = int(t.get("prompt_n", result.get("prompt_tokens") or 0))
-    predicted_n = int(t.get("predicted_n", result.get("completion_tokens") or 0))
-    prompt_ms = float(t.get("prompt_ms") or 0.0)
-    predicted_ms = float(t.get("predicted_ms") or 0.0)
+def timings(result: TextResult) -> dict[str, Any]:
+    prompt_n, predicted_n = result.prompt_tokens, result.completion_tokens
+    prompt_ms, predicted_ms = result.prompt_ms, result.predicted_ms
     p_tok, p_sec = _per(prompt_n, prompt_ms)
     g_tok, g_sec = _per(predicted_n, predicted_ms)
     return {"cache_n": 0, "prompt_n": prompt_n, "prompt_ms": prompt_ms, "prompt_per_token_ms": p_tok,
@@ -254,20 +244,20 @@ def timings(result: dict[str, Any]) -> dict[str, Any]:
 class LlamaCppText:
     """Renders one completion job in llama.cpp's shapes, whole or as a stream."""
 
-    error_style = "llamacpp"
     done_marker = False
 
-    def __init__(self, job: Job, *, n_ctx_of=None, fields: list[str] | None = None):
+    def __init__(self, job: Job, *, n_ctx: int = 0, fields: list[str] | None = None):
+        assert isinstance(job.params, TextParams)
         self.job = job
-        self.n_ctx_of = n_ctx_of or (lambda model: 0)
+        self.params = job.params
+        self.n_ctx = n_ctx
         self.fields = fields
         self.pieces = 0
 
-    def _final(self, result: dict[str, Any], content: str) -> dict[str, Any]:
-        prompt_n = int(result.get("prompt_tokens") or 0)
-        predicted_n = int(result.get("completion_tokens") or 0)
-        stop_type = result.get("stop_type") or ("limit" if result.get("finish_reason") == "length" else "eos")
-        text = result.get("text") or ""
+    def _final(self, result: TextResult, content: str) -> dict[str, Any]:
+        prompt_n, predicted_n = result.prompt_tokens, result.completion_tokens
+        stop_type = result.stop_type or ("limit" if result.finish_reason == "length" else "eos")
+        text = result.text
         out = {
             "index": 0,
             "content": content,
@@ -277,14 +267,13 @@ class LlamaCppText:
             "model": self.job.model,
             "tokens_predicted": predicted_n,
             "tokens_evaluated": prompt_n,
-            "generation_settings": generation_settings(self.job.params, self.n_ctx_of(self.job.model),
-                                                       self.job.model, seed=result.get("seed"),
+            "generation_settings": generation_settings(self.params, self.n_ctx, self.job.model, seed=result.seed,
                                                        stream=self.job.stream),
-            "prompt": self.job.params.get("prompt", ""),
+            "prompt": self.params.prompt,
             "has_new_line": "\n" in text,
             "truncated": False,
             "stop_type": stop_type,
-            "stopping_word": result.get("stopping_word") or "",
+            "stopping_word": result.stopping_word,
             "tokens_cached": prompt_n + predicted_n,
             "timings": timings(result),
             # older llama.cpp builds (LLM for Unity v2's ChatResult declares them)
@@ -294,8 +283,8 @@ class LlamaCppText:
         }
         return _pick(out, self.fields) if self.fields else out
 
-    def render(self, result: dict[str, Any]) -> dict[str, Any]:
-        return self._final(result, result.get("text") or "")
+    def render(self, result: TextResult) -> dict[str, Any]:
+        return self._final(result, result.text)
 
     def start(self) -> list[dict[str, Any]]:
         return []
@@ -309,7 +298,7 @@ class LlamaCppText:
         return [{"index": 0, "content": text, "tokens": [], "stop": False, "id_slot": -1,
                  "tokens_predicted": self.pieces, "tokens_evaluated": 0}]
 
-    def end(self, result: dict[str, Any]) -> list[dict[str, Any]]:
+    def end(self, result: TextResult) -> list[dict[str, Any]]:
         return [self._final(result, "")]
 
     def error(self, err: ApiError) -> list[dict[str, Any]]:
@@ -317,40 +306,5 @@ class LlamaCppText:
 
 
 def error_body(err: ApiError) -> dict[str, Any]:
+    """llama.cpp's error shape: ``code`` is the HTTP status."""
     return {"error": {"code": err.status, "message": err.message, "type": err.type}}
-
-
-def n_ctx_lookup(request: web.Request):
-    scheduler = request.app[SCHEDULER]
-
-    def n_ctx_of(model: str) -> int:
-        info = scheduler.model_info(model) or {}
-        return int((info.get("meta") or {}).get("n_ctx") or 0)
-
-    return n_ctx_of
-
-
-async def detokenize_parts(request: web.Request, parts: list[str | list[int]], model: str | None) -> str:
-    """Text for a prompt given as token ids or a mixed array (one detokenize job per run of ids)."""
-    out = []
-    for part in parts:
-        if isinstance(part, str):
-            out.append(part)
-        else:
-            job = Job(op="detokenize", model=model or "", params={"tokens": part})
-            out.append(str((await result_of(request, job)).get("content", "")))
-    return "".join(out)
-
-
-async def completion(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-    """POST /completion in llama.cpp's dialect."""
-    request[ERROR_STYLE] = "llamacpp"
-    parts = prompt_parts(body)
-    job = parse(body, prompt="")  # validates every field before any job runs
-    if any(not isinstance(p, str) for p in parts):
-        job.model = await request.app[SCHEDULER].resolve_model("completion", job.model or None)
-        job.params["prompt"] = await detokenize_parts(request, parts, job.model)
-    else:
-        job.params["prompt"] = "".join(parts)  # type: ignore[arg-type]
-    renderer = LlamaCppText(job, n_ctx_of=n_ctx_lookup(request), fields=response_fields(body))
-    return await respond(request, job, renderer)

@@ -1,11 +1,11 @@
-"""llama.cpp's (and LLM for Unity's) utility routes: /tokenize, /detokenize, /template, /apply-template,
-/props, /slots, /embeddings and /v1/embeddings.
+"""llama.cpp's (and LLM for Unity's) routes: /completion in llama.cpp's shape (chosen by the seed dialect's
+/completion handler), and /tokenize, /detokenize, /template, /apply-template, /props, /slots, /embeddings
+and /v1/embeddings.
 
 Every route accepts POST (LLM for Unity v3 POSTs everything, with a ``stream`` key that is ignored);
 /props and /slots also answer GET. The work runs on the mesh as ``tokenize``, ``detokenize``,
 ``apply_template`` and ``embeddings`` jobs; /template, /props and /slots are answered from what workers
-advertise. Errors have llama.cpp's shape ``{"error": {"code": <int>, "message", "type"}}``
-(router/middleware.py, LLAMACPP_PATHS).
+advertise. Errors have llama.cpp's shape ``{"error": {"code": <int>, "message", "type"}}``.
 
 /embeddings answers two shapes (docs/clients.md, "Embeddings"): ``{"embedding": [...]}`` for LLM for
 Unity v2 (its UnityWebRequest always sends ``X-Unity-Version``; it parses an object with JsonUtility), and
@@ -14,18 +14,32 @@ Unity v2 (its UnityWebRequest always sends ``X-Unity-Version``; it parses an obj
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from velesio import __version__
 from velesio.mesh.jobs import Job
+from velesio.mesh.params import (
+    DetokenizeParams,
+    DetokenizeResult,
+    EmbeddingsParams,
+    EmbeddingsResult,
+    Result,
+    TemplateParams,
+    TemplateResult,
+    TextParams,
+    TokenizeParams,
+    TokenizeResult,
+)
 
-from .dialects import llamacpp
-from .errors import ApiError, invalid
-from .keys import SCHEDULER
-from .relay import dumps, result_of
-from .validation import get_bool, get_messages, get_model, get_str, read_json
+from ... import admission
+from ...errors import ApiError, invalid
+from ...keys import SCHEDULER
+from ...relay import dumps, respond, result_of
+from ...validation import get_bool, get_messages, get_model, get_str, read_json
+from ..base import CHOSEN
+from . import completion as llamacpp
 
 # LLM for Unity's chat template names (Runtime/LLMChatTemplates.cs); /template must answer one of them.
 LLMUNITY_TEMPLATES = ("chatml", "alpaca", "gemma", "mistral chat", "mistral instruct", "llama3 chat", "llama chat",
@@ -51,6 +65,16 @@ async def _model(request: web.Request, op: str, body: dict[str, Any]) -> tuple[s
     return name, scheduler.model_info(name) or {}
 
 
+R = TypeVar("R", bound=Result)
+
+
+async def _run(request: web.Request, job: Job, result_type: type[R]) -> R:
+    """Admit and run a utility job; its result, of the op's type."""
+    result = await result_of(request, await admission.admit(request, job))
+    assert isinstance(result, result_type)
+    return result
+
+
 def _token_ids(body: dict[str, Any], name: str = "tokens") -> list[int]:
     value = body.get(name)
     if value is None:
@@ -63,18 +87,17 @@ def _token_ids(body: dict[str, Any], name: str = "tokens") -> list[int]:
 # ---- tokens ----------------------------------------------------------------------------------
 async def tokenize(request: web.Request) -> web.Response:
     body = await read_json(request, allow_empty=True)
-    params = {"content": get_str(body, "content", ""), "add_special": get_bool(body, "add_special"),
-              "with_pieces": get_bool(body, "with_pieces")}
-    job = Job(op="tokenize", model=get_model(body) or "", params=params)
-    result = await result_of(request, job)
-    return _json({"tokens": result.get("tokens", [])})
+    params = TokenizeParams(content=get_str(body, "content", ""), add_special=get_bool(body, "add_special"),
+                            with_pieces=get_bool(body, "with_pieces"))
+    result = await _run(request, Job(op="tokenize", model=get_model(body) or "", params=params), TokenizeResult)
+    return _json({"tokens": result.tokens})
 
 
 async def detokenize(request: web.Request) -> web.Response:
     body = await read_json(request, allow_empty=True)
-    job = Job(op="detokenize", model=get_model(body) or "", params={"tokens": _token_ids(body)})
-    result = await result_of(request, job)
-    return _json({"content": result.get("content", "")})
+    job = Job(op="detokenize", model=get_model(body) or "", params=DetokenizeParams(tokens=_token_ids(body)))
+    result = await _run(request, job, DetokenizeResult)
+    return _json({"content": result.content})
 
 
 # ---- templates -------------------------------------------------------------------------------
@@ -88,9 +111,9 @@ async def template(request: web.Request) -> web.Response:
 
 async def apply_template(request: web.Request) -> web.Response:
     body = await read_json(request, allow_empty=True)
-    job = Job(op="apply_template", model=get_model(body) or "", params={"messages": get_messages(body)})
-    result = await result_of(request, job)
-    return _json({"prompt": result.get("prompt", "")})
+    job = Job(op="apply_template", model=get_model(body) or "", params=TemplateParams(messages=get_messages(body)))
+    result = await _run(request, job, TemplateResult)
+    return _json({"prompt": result.prompt})
 
 
 # ---- server properties -----------------------------------------------------------------------
@@ -144,9 +167,9 @@ def _embedding_model(request: web.Request, model: str | None) -> str | None:
 
 
 async def _embed(request: web.Request, model: str | None, text: str) -> tuple[str, list[float]]:
-    job = Job(op="embeddings", model=model or "", params={"content": text})
-    result = await result_of(request, job)
-    return job.model, list(result.get("embedding") or [])
+    job = Job(op="embeddings", model=model or "", params=EmbeddingsParams(content=text))
+    result = await _run(request, job, EmbeddingsResult)
+    return job.model, list(result.embedding)
 
 
 async def embeddings(request: web.Request) -> web.Response:
@@ -181,13 +204,37 @@ async def v1_embeddings(request: web.Request) -> web.Response:
                   "usage": {"prompt_tokens": 0, "total_tokens": 0}})
 
 
-def setup(app: web.Application) -> None:
-    app.router.add_post("/tokenize", tokenize)
-    app.router.add_post("/detokenize", detokenize)
-    app.router.add_post("/template", template)
-    app.router.add_post("/apply-template", apply_template)
-    app.router.add_route("GET", "/props", props)
-    app.router.add_route("POST", "/props", props)
-    app.router.add_route("GET", "/slots", slots)
-    app.router.add_post("/embeddings", embeddings)
-    app.router.add_post("/v1/embeddings", v1_embeddings)
+# ---- completion ------------------------------------------------------------------------------
+async def detokenize_parts(request: web.Request, parts: list[str | list[int]], model: str) -> str:
+    """Text for a prompt given as token ids or a mixed array (one detokenize job per run of ids)."""
+    out = []
+    for part in parts:
+        if isinstance(part, str):
+            out.append(part)
+        else:
+            job = Job(op="detokenize", model=model, params=DetokenizeParams(tokens=part))
+            out.append((await _run(request, job, DetokenizeResult)).content)
+    return "".join(out)
+
+
+async def completion(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    """POST /completion in llama.cpp's dialect."""
+    from . import DIALECT  # this package's __init__ builds it from these routes
+
+    request[CHOSEN] = DIALECT
+    parts = llamacpp.prompt_parts(body)
+    job = llamacpp.parse(body, prompt="")  # validates every field before any job runs
+    assert isinstance(job.params, TextParams)
+    admitted = await admission.admit(request, job)
+    if any(not isinstance(p, str) for p in parts):
+        job.params.prompt = await detokenize_parts(request, parts, job.model)
+    else:
+        job.params.prompt = "".join(p for p in parts if isinstance(p, str))
+    admission.check(admitted)  # now with the whole prompt
+    n_ctx = int(admitted.meta.get("n_ctx") or 0)
+    renderer = llamacpp.LlamaCppText(job, n_ctx=n_ctx, fields=llamacpp.response_fields(body))
+    return await respond(request, admitted, renderer)
+
+
+async def infill(request: web.Request) -> web.Response:
+    raise ApiError("not_supported", "infill is not supported by this server; use /completion")

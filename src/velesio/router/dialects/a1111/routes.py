@@ -3,7 +3,7 @@ sampler, option and progress endpoints A1111 clients (``webuiapi``) call, and em
 start-up probes for features we do not have (scripts, LoRAs, upscalers, ...). See docs/images.md,
 "The A1111 API".
 
-Errors on these paths have the seed's shape plus a top-level ``detail`` (router/middleware.py). Auth is
+Errors on these paths have the seed's shape plus a top-level ``detail`` (dialects/a1111). Auth is
 the router's (Bearer, or HTTP Basic with the token as password, which is what ``webuiapi`` sends).
 
 Per-caller state lives here, in the router process, and is not persisted:
@@ -28,15 +28,18 @@ from typing import Any
 from aiohttp import web
 
 from velesio import __version__
-from velesio.backends import samplers as _samplers
 from velesio.mesh import protocol
 from velesio.mesh.jobs import Job
+from velesio.mesh.params import ImageParams, ImageResult
 
-from .dialects import a1111, a1111_models
-from .errors import ApiError, invalid
-from .keys import CONFIG, SCHEDULER, TOKEN_NAME
-from .relay import dumps, result_of
-from .validation import get_int, get_str, read_json
+from ... import admission
+from ...errors import ApiError, invalid
+from ...keys import CONFIG, SCHEDULER, TOKEN_NAME
+from ...relay import dumps, result_of
+from ...validation import get_int, get_str, read_json
+from . import models as a1111_models
+from . import parse as a1111
+from . import render
 
 log = logging.getLogger("velesio.router")
 
@@ -128,25 +131,24 @@ async def _generate(request: web.Request, op: str) -> web.Response:
         models = _image_models(request)
         default = _default_model(request, models)
         requested = (a1111_models.match_model(default, models) or default) if default else None
-    scheduler = request.app[SCHEDULER]
-    model = await scheduler.resolve_model(op, requested)
-    meta = (scheduler.model_info(model) or {}).get("meta") or {}
-    a1111_models.check_limits(req, model, meta)
-    job = Job(op=op, model=model, params=req.params)
+    job = Job(op=op, model=requested or "", params=req.params)
+    admitted = await admission.admit(request, job)
+    a1111_models.resolve_samplers(req, job.model, admitted.meta)
     tracked = Tracked(token=str(request.get(TOKEN_NAME) or "anonymous"), job=job, started=time.time(),
                       job_timestamp=req.job_timestamp)
     state.jobs[job.id] = tracked
     try:
         try:
-            result = await result_of(request, job)
+            result = await result_of(request, admitted)
         except ApiError as err:
             if err.code == "cancelled" and tracked.interrupted:
-                result = a1111.empty_result(req)
+                result = render.empty_result()
             else:
                 raise
     finally:
         state.jobs.pop(job.id, None)
-    return _json(a1111.render(req, result, model, meta))
+    assert isinstance(result, ImageResult)
+    return _json(render.render(req, result, job.model, admitted.meta))
 
 
 async def txt2img(request: web.Request) -> web.Response:
@@ -163,7 +165,7 @@ async def progress(request: web.Request) -> web.Response:
     scheduler = request.app[SCHEDULER]
     mine = [t for t in request.app[STATE].jobs_of(request) if t.job.id in scheduler.jobs]
     if not mine:
-        return _json(a1111.progress_body(None, None, None, None))
+        return _json(render.progress_body(None, None, None, None))
     running = [t for t in mine if scheduler.jobs[t.job.id].worker is not None]
     current = (running or mine)[0]
     rec = scheduler.jobs[current.job.id]
@@ -171,8 +173,10 @@ async def progress(request: web.Request) -> web.Response:
     if rec.worker is None:
         queue = scheduler.queues.get(current.job.model) or ()
         ahead = next((i for i, r in enumerate(queue) if r is rec), 0)
-    return _json(a1111.progress_body(current.job.op, current.job.params, rec.progress or None, current.started,
-                                     current.job_timestamp, current.interrupted, ahead))
+    params = current.job.params
+    assert isinstance(params, ImageParams)
+    return _json(render.progress_body(current.job.op, params, rec.progress or None, current.started,
+                                      current.job_timestamp, current.interrupted, ahead))
 
 
 async def interrupt(request: web.Request) -> web.Response:
@@ -200,11 +204,11 @@ async def sd_models(request: web.Request) -> web.Response:
 
 
 async def samplers(request: web.Request) -> web.Response:
-    return _json(_samplers.SAMPLERS)
+    return _json(a1111_models.samplers_of(_image_models(request), "samplers"))
 
 
 async def schedulers(request: web.Request) -> web.Response:
-    return _json(_samplers.SCHEDULERS)
+    return _json(a1111_models.samplers_of(_image_models(request), "schedulers"))
 
 
 async def get_options(request: web.Request) -> web.Response:
@@ -318,25 +322,27 @@ def setup(app: web.Application) -> None:
     if scope not in ("token", "global"):
         log.warning("router.options_scope %r is not 'token' or 'global'; using 'token'", scope)
     app[STATE] = A1111State(scope)
-    r = app.router
-    r.add_post(f"{PREFIX}/txt2img", txt2img)
-    r.add_post(f"{PREFIX}/img2img", img2img)
-    r.add_get(f"{PREFIX}/progress", progress)
-    r.add_post(f"{PREFIX}/interrupt", interrupt)
-    r.add_post(f"{PREFIX}/skip", skip)
-    r.add_get(f"{PREFIX}/sd-models", sd_models)
-    r.add_get(f"{PREFIX}/samplers", samplers)
-    r.add_get(f"{PREFIX}/schedulers", schedulers)
-    r.add_get(f"{PREFIX}/options", get_options)
-    r.add_post(f"{PREFIX}/options", set_options)
-    r.add_post(f"{PREFIX}/png-info", png_info)
-    r.add_get(f"{PREFIX}/memory", memory)
-    r.add_get(f"{PREFIX}/cmd-flags", cmd_flags)
-    r.add_get(f"{PREFIX}/scripts", scripts)
-    r.add_get(f"{PREFIX}/embeddings", embeddings)
-    r.add_post(f"{PREFIX}/refresh-checkpoints", refresh)
-    for name in ("upscalers", "latent-upscale-modes", "sd-vae", "sd-modules", "loras", "prompt-styles",
-                 "script-info", "hypernetworks", "face-restorers", "realesrgan-models", "extensions"):
-        r.add_get(f"{PREFIX}/{name}", empty_list)
-    for name in ("interrogate", "extra-single-image", "extra-batch-images"):
-        r.add_post(f"{PREFIX}/{name}", not_supported)
+
+
+ROUTES: list[tuple[str, str, Any]] = [
+    ("POST", "txt2img", txt2img),
+    ("POST", "img2img", img2img),
+    ("GET", "progress", progress),
+    ("POST", "interrupt", interrupt),
+    ("POST", "skip", skip),
+    ("GET", "sd-models", sd_models),
+    ("GET", "samplers", samplers),
+    ("GET", "schedulers", schedulers),
+    ("GET", "options", get_options),
+    ("POST", "options", set_options),
+    ("POST", "png-info", png_info),
+    ("GET", "memory", memory),
+    ("GET", "cmd-flags", cmd_flags),
+    ("GET", "scripts", scripts),
+    ("GET", "embeddings", embeddings),
+    ("POST", "refresh-checkpoints", refresh),
+    *(("GET", name, empty_list) for name in (
+        "upscalers", "latent-upscale-modes", "sd-vae", "sd-modules", "loras", "prompt-styles", "script-info",
+        "hypernetworks", "face-restorers", "realesrgan-models", "extensions")),
+    *(("POST", name, not_supported) for name in ("interrogate", "extra-single-image", "extra-batch-images")),
+]

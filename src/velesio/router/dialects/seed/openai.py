@@ -12,18 +12,24 @@ import time
 import uuid
 from typing import Any
 
-from velesio.mesh.jobs import TEXT_DEFAULTS, Job
+from velesio.mesh.jobs import Job
+from velesio.mesh.params import MAX_TOKENS, TextParams, TextResult
 
-from ..errors import ApiError, invalid
-from ..validation import get_bool, get_float, get_int, get_messages, get_model, get_stop
+from ...errors import ApiError, invalid
+from ...validation import get_bool, get_float, get_int, get_messages, get_model, get_stop
+from ..base import seed_error
 
-MAX_TOKENS_CAP = 32768
+
+def _given(**fields: Any) -> dict[str, Any]:
+    """The fields a request named (None: not named, the mesh default applies)."""
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _common_params(body: dict[str, Any]) -> dict[str, Any]:
-    max_tokens = get_int(body, "max_completion_tokens", None, lo=1, hi=MAX_TOKENS_CAP)
+    """The sampling fields of a seed / OpenAI body, each checked against the API's range."""
+    max_tokens = get_int(body, "max_completion_tokens", None, lo=1, hi=MAX_TOKENS)
     if max_tokens is None:
-        max_tokens = get_int(body, "max_tokens", TEXT_DEFAULTS["max_tokens"], lo=1, hi=MAX_TOKENS_CAP)
+        max_tokens = get_int(body, "max_tokens", None, lo=1, hi=MAX_TOKENS)
     n = get_int(body, "n", 1, lo=1)
     if n != 1:
         raise invalid("n", "only n=1 is supported")
@@ -31,22 +37,22 @@ def _common_params(body: dict[str, Any]) -> dict[str, Any]:
         raise invalid("best_of", "only best_of=1 is supported")
     if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
         raise invalid("logprobs", "log probabilities are not supported")
-    params = {
-        "max_tokens": max_tokens,
-        "temperature": get_float(body, "temperature", TEXT_DEFAULTS["temperature"], lo=0.0, hi=2.0),
-        "top_p": get_float(body, "top_p", TEXT_DEFAULTS["top_p"], lo=0.0, hi=1.0),
-        "top_k": get_int(body, "top_k", TEXT_DEFAULTS["top_k"], lo=0, hi=100000),
-        "min_p": get_float(body, "min_p", 0.0, lo=0.0, hi=1.0),
-        "frequency_penalty": get_float(body, "frequency_penalty", 0.0, lo=-2.0, hi=2.0),
-        "presence_penalty": get_float(body, "presence_penalty", 0.0, lo=-2.0, hi=2.0),
-        "repeat_penalty": get_float(body, "repeat_penalty", TEXT_DEFAULTS["repeat_penalty"], lo=0.0, hi=10.0),
-        "stop": get_stop(body),
-        "seed": get_int(body, "seed", None, lo=-(2**63), hi=2**64 - 1),
-    }
-    if params["seed"] is not None:
-        params["seed"] = params["seed"] % 2**31 if params["seed"] >= 0 else None
+    seed = get_int(body, "seed", None, lo=-(2**63), hi=2**64 - 1)
+    seed = seed % 2**31 if seed is not None and seed >= 0 else None
+    params = _given(
+        max_tokens=max_tokens,
+        temperature=get_float(body, "temperature", None, lo=0.0, hi=2.0),
+        top_p=get_float(body, "top_p", None, lo=0.0, hi=1.0),
+        top_k=get_int(body, "top_k", None, lo=0, hi=100000),
+        min_p=get_float(body, "min_p", None, lo=0.0, hi=1.0),
+        frequency_penalty=get_float(body, "frequency_penalty", None, lo=-2.0, hi=2.0),
+        presence_penalty=get_float(body, "presence_penalty", None, lo=-2.0, hi=2.0),
+        repeat_penalty=get_float(body, "repeat_penalty", None, lo=0.0, hi=10.0),
+        stop=get_stop(body),
+        seed=seed,
+    )
     # A request that fixes its seed wants the same text every time: evaluate its prompt afresh.
-    params["cache_prompt"] = params["seed"] is None
+    params["cache_prompt"] = seed is None
     fmt = body.get("response_format")
     if fmt is not None:
         if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
@@ -69,15 +75,12 @@ def parse_completion(body: dict[str, Any]) -> Job:
         raise invalid("prompt", "is required and must be a string" if prompt is None else "must be a string")
     if get_bool(body, "echo"):
         raise invalid("echo", "echo is not supported")
-    params = _common_params(body)
-    params["prompt"] = prompt
+    params = TextParams(prompt=prompt, **_common_params(body))
     return Job(op="completion", model=get_model(body) or "", params=params, stream=get_bool(body, "stream"))
 
 
 def parse_chat(body: dict[str, Any]) -> Job:
-    messages = get_messages(body)
-    params = _common_params(body)
-    params["messages"] = messages
+    params = TextParams(messages=get_messages(body), **_common_params(body))
     return Job(op="chat", model=get_model(body) or "", params=params, stream=get_bool(body, "stream"))
 
 
@@ -90,15 +93,14 @@ def include_usage(body: dict[str, Any]) -> bool:
     return get_bool(opts, "include_usage")
 
 
-def _usage(result: dict[str, Any]) -> dict[str, int]:
-    p, c = int(result.get("prompt_tokens") or 0), int(result.get("completion_tokens") or 0)
+def _usage(result: TextResult) -> dict[str, int]:
+    p, c = result.prompt_tokens, result.completion_tokens
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
 class OpenAIText:
     """Renders one text job as a completion or a chat completion, whole or as stream chunks."""
 
-    error_style = "seed"
     done_marker = True
 
     def __init__(self, job: Job, *, usage_chunk: bool = False):
@@ -112,9 +114,9 @@ class OpenAIText:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.job.model,
                 "system_fingerprint": "velesio", "choices": choices, **extra}
 
-    def render(self, result: dict[str, Any]) -> dict[str, Any]:
-        text = result.get("text", "")
-        finish = result.get("finish_reason") or "stop"
+    def render(self, result: TextResult) -> dict[str, Any]:
+        text = result.text
+        finish = result.finish_reason or "stop"
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                       "finish_reason": finish}
@@ -140,8 +142,8 @@ class OpenAIText:
             return []
         return [self._chunk({"content": text} if self.chat else text, None)]
 
-    def end(self, result: dict[str, Any]) -> list[dict[str, Any]]:
-        finish = result.get("finish_reason") or "stop"
+    def end(self, result: TextResult) -> list[dict[str, Any]]:
+        finish = result.finish_reason or "stop"
         events = [self._chunk({} if self.chat else "", finish)]
         if self.usage_chunk:
             obj = "chat.completion.chunk" if self.chat else "text_completion"
@@ -149,8 +151,7 @@ class OpenAIText:
         return events
 
     def error(self, err: ApiError) -> list[dict[str, Any]]:
-        return [{"error": {"code": err.code, "message": err.message, "type": err.type, "param": err.param,
-                           "details": err.details}}]
+        return [seed_error(err)]
 
 
 def models_list(models: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""The AUTOMATIC1111 (stable-diffusion-webui) API shapes: request parsing and validation for
-``/sdapi/v1/txt2img`` and ``/sdapi/v1/img2img``, and the response, ``info``, model, options and progress
-bodies. No aiohttp here; router/a1111_routes.py holds the handlers.
+"""AUTOMATIC1111 (stable-diffusion-webui) requests: ``/sdapi/v1/txt2img`` and ``/sdapi/v1/img2img`` bodies
+read into typed image params (velesio.mesh.params.ImageParams). The bounds are checked at admission, with
+the model's limits (velesio.mesh.limits); samplers are resolved against what the model advertises
+(models.py). No aiohttp here.
 
 Defaults follow the seed's API reference where it names one (steps 20, cfg_scale 7.5, sampler "Euler a",
 seed -1, 512×512); every other field follows A1111 (docs/images.md, "The A1111 API"). Unknown fields are
@@ -14,28 +15,27 @@ import base64
 import binascii
 import dataclasses
 import io
-import json
 import random
 import re
 import time
 from typing import Any
 
-from velesio.backends import samplers as _samplers
+from velesio.mesh.limits import MAX_CLIP_SKIP, MAX_IMAGE_SIDE, MAX_INIT_IMAGES
+from velesio.mesh.params import ImageParams
 
-from ..errors import invalid
-from ..validation import get_bool, get_float, get_int, get_str
+from ...errors import invalid
+from ...validation import get_bool, get_float, get_int, get_str
 
-MIN_SIDE = 64  # A1111's smallest width/height
-CFG_RANGE = (0.0, 30.0)  # A1111's slider is 1..30; 0 is allowed for guidance-free (distilled) models
 MAX_SEED = 2**63 - 1
-MAX_INIT_IMAGES = 64
-MAX_IMAGE_SIDE = 8192  # a larger init image or mask is refused before it is decoded
 
-# The request echo ("parameters") starts from these, the seed's defaults where it has one, else A1111's.
+_JOB = ImageParams()  # the job defaults (velesio.mesh.params), which the echo shows where A1111 has the field
+
+# The request echo ("parameters") starts from these: the job's defaults, else A1111's.
 TXT2IMG_DEFAULTS: dict[str, Any] = {
-    "prompt": "", "negative_prompt": "", "styles": None, "seed": -1, "subseed": -1, "subseed_strength": 0,
-    "seed_resize_from_h": -1, "seed_resize_from_w": -1, "sampler_name": None, "scheduler": None,
-    "batch_size": 1, "n_iter": 1, "steps": 20, "cfg_scale": 7.5, "width": 512, "height": 512,
+    "prompt": _JOB.prompt, "negative_prompt": _JOB.negative_prompt, "styles": None, "seed": _JOB.seed,
+    "subseed": _JOB.subseed, "subseed_strength": 0, "seed_resize_from_h": -1, "seed_resize_from_w": -1,
+    "sampler_name": None, "scheduler": None, "batch_size": _JOB.batch_size, "n_iter": _JOB.n_iter,
+    "steps": _JOB.steps, "cfg_scale": _JOB.cfg_scale, "width": _JOB.width, "height": _JOB.height,
     "restore_faces": None, "tiling": None, "do_not_save_samples": False, "do_not_save_grid": False,
     "eta": None, "denoising_strength": None, "s_min_uncond": None, "s_churn": None, "s_tmax": None,
     "s_tmin": None, "s_noise": None, "override_settings": None, "override_settings_restore_afterwards": True,
@@ -43,7 +43,7 @@ TXT2IMG_DEFAULTS: dict[str, Any] = {
     "enable_hr": False, "firstphase_width": 0, "firstphase_height": 0, "hr_scale": 2.0, "hr_upscaler": None,
     "hr_second_pass_steps": 0, "hr_resize_x": 0, "hr_resize_y": 0, "hr_checkpoint_name": None,
     "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "", "hr_negative_prompt": "",
-    "force_task_id": None, "sampler_index": "Euler a", "script_name": None, "script_args": [],
+    "force_task_id": None, "sampler_index": _JOB.sampler_name, "script_name": None, "script_args": [],
     "send_images": True, "save_images": False, "alwayson_scripts": {}, "infotext": None,
 }
 _TXT2IMG_ONLY = ("enable_hr", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
@@ -51,10 +51,11 @@ _TXT2IMG_ONLY = ("enable_hr", "firstphase_width", "firstphase_height", "hr_scale
                  "hr_scheduler", "hr_prompt", "hr_negative_prompt")
 IMG2IMG_DEFAULTS: dict[str, Any] = {
     **{k: v for k, v in TXT2IMG_DEFAULTS.items() if k not in _TXT2IMG_ONLY},
-    "init_images": None, "resize_mode": 0, "image_cfg_scale": None, "mask": None, "mask_blur_x": 4,
-    "mask_blur_y": 4, "mask_blur": None, "mask_round": True, "inpainting_fill": 0, "inpaint_full_res": True,
+    "init_images": None, "resize_mode": 0, "image_cfg_scale": None, "mask": None,
+    "mask_blur_x": _JOB.mask_blur, "mask_blur_y": _JOB.mask_blur, "mask_blur": None, "mask_round": True,
+    "inpainting_fill": 0, "inpaint_full_res": True,
     "inpaint_full_res_padding": 0, "inpainting_mask_invert": 0, "initial_noise_multiplier": None,
-    "latent_mask": None, "include_init_images": False, "denoising_strength": 0.75,
+    "latent_mask": None, "include_init_images": False, "denoising_strength": _JOB.denoising_strength,
 }
 
 # GET /sdapi/v1/options: what an A1111 client may read; POSTed keys are stored over these.
@@ -82,10 +83,11 @@ class ImageRequest:
     response needs besides the job's result."""
 
     op: str
-    params: dict[str, Any]
+    params: ImageParams
     echo: dict[str, Any]
     model: str | None  # requested model (name or title), None for the caller's default
     model_field: str  # the field that named it, for errors
+    sampler_field: str  # sampler_name or sampler_index, for errors
     notes: list[str]
     styles: list[str]
     restore_faces: bool
@@ -174,35 +176,17 @@ def parse(op: str, body: dict[str, Any], options: dict[str, Any] | None = None) 
 
     prompt = get_str(body, "prompt", "")
     negative = get_str(body, "negative_prompt", "")
-    width = get_int(body, "width", 512)
-    height = get_int(body, "height", 512)
-    for name, side in (("width", width), ("height", height)):
-        if side < MIN_SIDE:
-            raise invalid(name, f"must be at least {MIN_SIDE}, got {side}")
-        if side % 8:
-            raise invalid(name, f"must be a multiple of 8, got {side} (try {side - side % 8 or 8})")
-    steps = get_int(body, "steps", 20)
-    if steps < 1:
-        raise invalid("steps", f"must be at least 1, got {steps}")
-    cfg_scale = get_float(body, "cfg_scale", 7.5, lo=CFG_RANGE[0], hi=CFG_RANGE[1])
-    batch_size = get_int(body, "batch_size", 1)
-    if batch_size < 1:
-        raise invalid("batch_size", f"must be at least 1, got {batch_size}")
-    n_iter = get_int(body, "n_iter", 1)
-    if n_iter < 1:
-        raise invalid("n_iter", f"must be at least 1, got {n_iter}")
-
+    defaults = _JOB
+    width = get_int(body, "width", defaults.width)
+    height = get_int(body, "height", defaults.height)
+    steps = get_int(body, "steps", defaults.steps)
+    cfg_scale = get_float(body, "cfg_scale", defaults.cfg_scale)
+    batch_size = get_int(body, "batch_size", defaults.batch_size)
+    n_iter = get_int(body, "n_iter", defaults.n_iter)
+    # resolved against the samplers the model advertises, once it is known (models.resolve_samplers)
     sampler_field = "sampler_name" if body.get("sampler_name") not in (None, "") else "sampler_index"
-    requested_sampler = get_str(body, sampler_field, None)
-    sampler = _samplers.resolve_sampler(requested_sampler)
-    if sampler is None:
-        raise invalid(sampler_field, f"unknown sampler {requested_sampler!r}; valid samplers: "
-                                     f"{', '.join(_samplers.sampler_names())}")
-    requested_scheduler = get_str(body, "scheduler", None)
-    scheduler = _samplers.resolve_scheduler(requested_scheduler)
-    if scheduler is None:
-        raise invalid("scheduler", f"unknown scheduler {requested_scheduler!r}; valid schedulers: "
-                                   f"{', '.join(s['name'] for s in _samplers.SCHEDULERS)}")
+    sampler = get_str(body, sampler_field, None) or defaults.sampler_name
+    scheduler = get_str(body, "scheduler", None) or defaults.scheduler
 
     seed = get_int(body, "seed", -1, lo=-MAX_SEED, hi=MAX_SEED)
     if seed < 0:
@@ -217,16 +201,17 @@ def parse(op: str, body: dict[str, Any], options: dict[str, Any] | None = None) 
     if seed_resize[0] > 0 and seed_resize[1] > 0 and seed_resize != (width, height):
         notes.append("seed_resize_from_w/h ignored: resizing seeds is not supported")
 
-    denoising = get_float(body, "denoising_strength", 0.75 if op == "img2img" else None, lo=0.0, hi=1.0)
+    denoising = get_float(body, "denoising_strength", defaults.denoising_strength)
     send_images = get_bool(body, "send_images", True)
 
     clip_skip = get_int(_prefixed(overrides, "CLIP_stop_at_last_layers"), "override_settings.CLIP_stop_at_last_layers",
-                        None, lo=1, hi=12)
+                        None, lo=1, hi=MAX_CLIP_SKIP)
     if clip_skip is None:
-        clip_skip = get_int(body, "clip_skip", None, lo=1, hi=12)
+        clip_skip = get_int(body, "clip_skip", None, lo=1, hi=MAX_CLIP_SKIP)
     if clip_skip is None:
         stored = options.get("CLIP_stop_at_last_layers")
-        clip_skip = stored if isinstance(stored, int) and not isinstance(stored, bool) and 1 <= stored <= 12 else 1
+        ok = isinstance(stored, int) and not isinstance(stored, bool) and 1 <= stored <= MAX_CLIP_SKIP
+        clip_skip = stored if ok else defaults.clip_skip
 
     styles = body.get("styles")
     if styles is None:
@@ -262,21 +247,14 @@ def parse(op: str, body: dict[str, Any], options: dict[str, Any] | None = None) 
     elif body.get("model") not in (None, ""):
         model = get_str(body, "model")
 
-    params: dict[str, Any] = {
-        "prompt": prompt, "negative_prompt": negative, "width": width, "height": height, "steps": steps,
-        "cfg_scale": cfg_scale, "sampler_name": sampler, "scheduler": scheduler, "seed": seed,
-        "subseed": subseed, "batch_size": batch_size, "n_iter": n_iter, "send_images": send_images,
-    }
-    if clip_skip > 1:
-        params["clip_skip"] = clip_skip
-    eta = get_float(body, "eta", None, lo=0.0, hi=10.0)
-    if eta is not None:
-        params["eta"] = eta
+    params = ImageParams(prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps,
+                         cfg_scale=cfg_scale, sampler_name=sampler, scheduler=scheduler, seed=seed, subseed=subseed,
+                         batch_size=batch_size, n_iter=n_iter, send_images=send_images, clip_skip=clip_skip,
+                         eta=get_float(body, "eta", None), denoising_strength=denoising)
 
-    defaults = IMG2IMG_DEFAULTS if op == "img2img" else TXT2IMG_DEFAULTS
-    echo = {**defaults, **{k: body[k] for k in defaults if k in body}}
+    echo_defaults = IMG2IMG_DEFAULTS if op == "img2img" else TXT2IMG_DEFAULTS
+    echo = {**echo_defaults, **{k: body[k] for k in echo_defaults if k in body}}
     if op == "img2img":
-        params["denoising_strength"] = denoising
         raw = body.get("init_images")
         if raw is None or raw == [] or raw == "":
             raise invalid("init_images", "img2img needs at least one image (a list of base64 strings)")
@@ -284,128 +262,26 @@ def parse(op: str, body: dict[str, Any], options: dict[str, Any] | None = None) 
             raw = [raw]
         if not isinstance(raw, list):
             raise invalid("init_images", "must be an array of base64-encoded images")
-        if len(raw) > MAX_INIT_IMAGES:
+        if len(raw) > MAX_INIT_IMAGES:  # before decoding any of them
             raise invalid("init_images", f"at most {MAX_INIT_IMAGES} images")
-        params["init_images"] = [decode_image(v, f"init_images[{i}]") for i, v in enumerate(raw)]
+        params.init_images = [decode_image(v, f"init_images[{i}]") for i, v in enumerate(raw)]
         mask = body.get("mask")
-        params["mask"] = None if mask in (None, "") else decode_image(mask, "mask")
-        if params["mask"] is not None:
-            params["inpainting_mask_invert"] = 1 if _truthy(body.get("inpainting_mask_invert")) else 0
+        params.mask = None if mask in (None, "") else decode_image(mask, "mask")
+        if params.mask is not None:
+            params.inpainting_mask_invert = _truthy(body.get("inpainting_mask_invert"))
             blur = body.get("mask_blur")
             if blur is None:
-                blur = body.get("mask_blur_x", 4)
-            params["mask_blur"] = get_int({"mask_blur": blur}, "mask_blur", 4, lo=0, hi=256)
+                blur = body.get("mask_blur_x", defaults.mask_blur)
+            params.mask_blur = get_int({"mask_blur": blur}, "mask_blur", defaults.mask_blur)
         if get_int(body, "resize_mode", 0) != 0:
             notes.append("resize_mode ignored: init images are stretched to width x height")
         if not get_bool(body, "include_init_images", False):
             echo["init_images"] = None
             echo["mask"] = None
-    return ImageRequest(op=op, params=params, echo=echo, model=model, model_field=model_field, notes=notes,
+    return ImageRequest(op=op, params=params, echo=echo, model=model, model_field=model_field,
+                        sampler_field=sampler_field, notes=notes,
                         styles=list(styles), restore_faces=restore_faces, subseed_strength=subseed_strength,
                         seed_resize=seed_resize, clip_skip=clip_skip,
                         job_timestamp=time.strftime("%Y%m%d%H%M%S"))
 
 
-def model_hash(meta: dict[str, Any]) -> str | None:
-    value = meta.get("hash")
-    return str(value) if value else None
-
-
-def render(req: ImageRequest, result: dict[str, Any], model: str, meta: dict[str, Any] | None) -> dict[str, Any]:
-    """The A1111 response: raw base64 PNGs, the request echo, and ``info`` as a JSON string."""
-    meta = meta or {}
-    p = req.params
-    images = [base64.b64encode(bytes(b)).decode("ascii") for b in result.get("images") or []]
-    seeds = [int(s) for s in result.get("seeds") or []]
-    subseeds = [int(s) for s in result.get("subseeds") or []]
-    n = len(seeds)
-    prompt = result.get("prompt", p["prompt"])
-    negative = result.get("negative_prompt", p["negative_prompt"])
-    notes = list(req.notes) + [str(x) for x in result.get("notes") or [] if str(x) not in req.notes]
-    scheduler = result.get("scheduler", p["scheduler"])
-    extra: dict[str, Any] = {}
-    if scheduler and scheduler != "automatic":
-        extra["Schedule type"] = next((s["label"] for s in _samplers.SCHEDULERS if s["name"] == scheduler),
-                                      scheduler)
-    denoising = result.get("denoising_strength", p.get("denoising_strength")) if req.op == "img2img" else None
-    info = {
-        "prompt": prompt,
-        "all_prompts": [prompt] * n,
-        "negative_prompt": negative,
-        "all_negative_prompts": [negative] * n,
-        "seed": seeds[0] if seeds else p["seed"],
-        "all_seeds": seeds,
-        "subseed": subseeds[0] if subseeds else p["subseed"],
-        "all_subseeds": subseeds,
-        "subseed_strength": req.subseed_strength,
-        "width": result.get("width", p["width"]),
-        "height": result.get("height", p["height"]),
-        "sampler_name": result.get("sampler_name", p["sampler_name"]),
-        "scheduler": scheduler,
-        "cfg_scale": result.get("cfg_scale", p["cfg_scale"]),
-        "steps": result.get("steps", p["steps"]),
-        "batch_size": result.get("batch_size", p["batch_size"]),
-        "restore_faces": req.restore_faces,
-        "face_restoration_model": None,
-        "sd_model_name": result.get("model") or model,
-        "sd_model_hash": result.get("model_hash") or model_hash(meta),
-        "sd_vae_name": None,
-        "sd_vae_hash": None,
-        "seed_resize_from_w": req.seed_resize[0],
-        "seed_resize_from_h": req.seed_resize[1],
-        "denoising_strength": denoising,
-        "extra_generation_params": extra,
-        "index_of_first_image": 0,
-        "infotexts": [str(t) for t in result.get("infotexts") or []],
-        "styles": req.styles,
-        "job_timestamp": req.job_timestamp,
-        "clip_skip": req.clip_skip,
-        "is_using_inpainting_conditioning": False,
-        "version": "velesio",
-        "n_iter": result.get("n_iter", p["n_iter"]),
-        "interrupted": bool(result.get("interrupted")),
-        "notes": notes,
-    }
-    return {"images": images, "parameters": req.echo, "info": json.dumps(info, ensure_ascii=False)}
-
-
-def empty_result(req: ImageRequest) -> dict[str, Any]:
-    """The result of a job interrupted before it produced anything."""
-    return {"images": [], "seeds": [], "subseeds": [], "infotexts": [], "interrupted": True,
-            "notes": ["interrupted before any image was made"]}
-
-
-def idle_state() -> dict[str, Any]:
-    return {"skipped": False, "interrupted": False, "job": "", "job_count": 0, "job_timestamp": "0",
-            "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
-
-
-def progress_body(op: str | None, params: dict[str, Any] | None, chunk: dict[str, Any] | None,
-                  started: float | None, job_timestamp: str = "0", interrupted: bool = False,
-                  queued_ahead: int = 0, now: float | None = None) -> dict[str, Any]:
-    """/sdapi/v1/progress from one job's latest progress chunk ``{step, steps, image, images}``.
-
-    As in A1111, ``job_count`` is the job's number of passes (``n_iter``) and ``job_no`` the pass in
-    progress; ``progress`` = (passes done + step/steps of this pass) / passes."""
-    state = idle_state()
-    if op is None or params is None:
-        return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
-    n_iter = max(1, int(params.get("n_iter") or 1))
-    batch = max(1, int(params.get("batch_size") or 1))
-    chunk = chunk or {}
-    steps = int(chunk.get("steps") or 0)
-    step = min(int(chunk.get("step") or 0), steps) if steps else 0
-    job_no = min(n_iter - 1, int(chunk.get("image") or 0) // batch) if chunk else 0
-    progress = (job_no + (step / steps if steps else 0.0)) / n_iter if chunk else 0.0
-    progress = max(0.0, min(1.0, progress))
-    now = time.time() if now is None else now
-    elapsed = max(0.0, now - started) if started else 0.0
-    eta = elapsed / progress - elapsed if progress > 0 else 0.0
-    state.update(job=op, job_count=n_iter, job_timestamp=job_timestamp, job_no=job_no, sampling_step=step,
-                 sampling_steps=steps, interrupted=interrupted)
-    if not chunk:
-        textinfo = "Waiting for a worker" + (f" ({queued_ahead} job(s) ahead)" if queued_ahead else "")
-    else:
-        textinfo = f"Pass {job_no + 1}/{n_iter}, step {step}/{steps}"
-    return {"progress": round(progress, 6), "eta_relative": round(eta, 3), "state": state,
-            "current_image": None, "textinfo": textinfo}
