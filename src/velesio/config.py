@@ -20,6 +20,8 @@ class ConfigError(ValueError):
 class TokenLimits:
     requests_per_minute: int = 60
     concurrent: int = 10
+    weight: float = 1.0  # its share of a model's slots while others wait too (router/fairqueue.py)
+    priority: int = 0  # its jobs go before those of lower priorities; a request may lower it (X-Priority)
 
 
 @dataclasses.dataclass
@@ -33,6 +35,7 @@ class RouterConfig:
     default_text_model: str | None = None
     default_image_model: str | None = None
     queue_max: int = 64  # queued jobs per model
+    queue_aging_s: float = 30.0  # a queued job gains one priority level per this many seconds waited
     worker_wait_s: float = 5.0  # how long a request waits for a worker offering its model to appear
     max_body_mb: float = 32.0
     heartbeat_ms: int = protocol.HEARTBEAT_MS
@@ -129,6 +132,12 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
     router.tokens = tokens
     router.rate_limit = _fill(TokenLimits, rate_raw, "router.rate_limit")
     router.token_limits = {str(k): _fill(TokenLimits, v, f"router.token_limits.{k}") for k, v in limits_raw.items()}
+    for where, lim in [("router.rate_limit", router.rate_limit),
+                       *((f"router.token_limits.{k}", v) for k, v in router.token_limits.items())]:
+        if isinstance(lim.weight, bool) or not isinstance(lim.weight, (int, float)) or not lim.weight > 0:
+            raise ConfigError(f"{where}.weight: a number above 0, not {lim.weight!r}")
+        if isinstance(lim.priority, bool) or not isinstance(lim.priority, int):
+            raise ConfigError(f"{where}.priority: an integer, not {lim.priority!r}")
     crash_limit = router.job_crash_limit
     if isinstance(crash_limit, bool) or crash_limit not in (1, 2):
         raise ConfigError(f"router.job_crash_limit: 1 or 2, not {crash_limit!r}")

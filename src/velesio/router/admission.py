@@ -13,7 +13,7 @@ from velesio.mesh.limits import ParamError, check_image, image_limits
 from velesio.mesh.params import ImageParams, TemplateParams, TextParams
 
 from .errors import ApiError
-from .keys import SCHEDULER
+from .keys import CONFIG, SCHEDULER, TOKEN_NAME
 
 # No tokenizer packs more than this many characters into one token on average, so a prompt longer than
 # n_ctx * MAX_CHARS_PER_TOKEN cannot fit: refuse it here instead of tokenizing megabytes on a worker.
@@ -23,10 +23,14 @@ MAX_CHARS_PER_TOKEN = 32
 @dataclasses.dataclass
 class Admitted:
     """A job whose model is resolved and whose parameters fit it; ``info`` is what the model's workers
-    advertise (``meta``: n_ctx, limits, samplers, ...)."""
+    advertise (``meta``: n_ctx, limits, samplers, ...). ``tenant``, ``priority`` and ``weight`` place it in
+    its model's queue (router/fairqueue.py)."""
 
     job: Job
     info: dict[str, Any]
+    tenant: str = "anonymous"
+    priority: int = 0
+    weight: float = 1.0
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -36,11 +40,30 @@ class Admitted:
 async def admit(request: web.Request, job: Job) -> Admitted:
     """Resolve ``job.model`` (the default model of its op when empty; waits briefly for workers) and check
     the job against the model: ApiError when it cannot run there."""
+    tenant, priority, weight = share(request)
     scheduler = request.app[SCHEDULER]
     job.model = await scheduler.resolve_model(job.op, job.model or None)
-    admitted = Admitted(job, scheduler.model_info(job.model) or {})
+    admitted = Admitted(job, scheduler.model_info(job.model) or {}, tenant, priority, weight)
     check(admitted)
     return admitted
+
+
+def share(request: web.Request) -> tuple[str, int, float]:
+    """(token name, priority, weight) of a request: its token's settings (``router.token_limits``, else
+    ``router.rate_limit``); an ``X-Priority`` header may lower the priority, never raise it."""
+    cfg = request.app[CONFIG]
+    tenant = str(request.get(TOKEN_NAME) or "anonymous")
+    limits = cfg.token_limits.get(tenant, cfg.rate_limit)
+    priority = limits.priority
+    asked = request.headers.get("X-Priority")
+    if asked is not None:
+        try:
+            value = int(asked.strip())
+        except ValueError:
+            raise ApiError("invalid_request", f"X-Priority: an integer, not {asked[:40]!r}",
+                           param="X-Priority") from None
+        priority = min(priority, value)
+    return tenant, priority, float(limits.weight)
 
 
 def prompt_chars(job: Job) -> int:

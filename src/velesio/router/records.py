@@ -128,8 +128,13 @@ class JobEvents:
 class JobRecord:
     """A job accepted by the router, from submission to its one result or error."""
 
-    def __init__(self, job: Job, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, job: Job, clock: Callable[[], float] = time.monotonic, *, tenant: str = "anonymous",
+                 priority: int = 0, weight: float = 1.0):
         self.job = job
+        self.tenant = tenant  # the token name it came with: the unit of fair share (router/fairqueue.py)
+        self.priority = priority
+        self.weight = weight
+        self.queued_at = clock()
         self.events = JobEvents()
         self.worker: WorkerState | None = None
         self.text_so_far = ""

@@ -68,6 +68,11 @@ def sse(event: Any) -> bytes:
     return b"data: " + dumps_bytes(event) + b"\n\n"
 
 
+def _submit(request: web.Request, admitted: Admitted) -> JobRecord:
+    return request.app[SCHEDULER].submit(admitted.job, tenant=admitted.tenant, priority=admitted.priority,
+                                         weight=admitted.weight)
+
+
 def _result(rec: JobRecord, payload: dict[str, Any]) -> Result:
     return result_from_wire(rec.job.op, payload)
 
@@ -75,7 +80,7 @@ def _result(rec: JobRecord, payload: dict[str, Any]) -> Result:
 async def result_of(request: web.Request, admitted: Admitted) -> Result:
     """Run an admitted job to its end and return its result (raises ApiError on a job error)."""
     job = admitted.job
-    rec = request.app[SCHEDULER].submit(job)
+    rec = _submit(request, admitted)
     try:
         while True:
             kind, payload = await rec.events.get()
@@ -95,7 +100,7 @@ async def respond(request: web.Request, admitted: Admitted, renderer: Renderer) 
         result = await result_of(request, admitted)
         return json_response(renderer.render(result), headers={"X-Request-Id": job.id})
     scheduler = request.app[SCHEDULER]
-    rec = scheduler.submit(job)
+    rec = _submit(request, admitted)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no", "X-Request-Id": job.id,
                                            **request.get(RATE_HEADERS, {})})

@@ -20,6 +20,7 @@ from velesio.mesh.params import TextParams, TextResult, to_wire
 from velesio.mesh.protocol import Command
 
 from .errors import ApiError
+from .fairqueue import FairQueue
 from .records import JobRecord, WorkerState
 
 __all__ = ["JobRecord", "Scheduler", "WorkerState"]
@@ -47,7 +48,8 @@ class Scheduler:
                  heartbeat_ms: int = protocol.HEARTBEAT_MS, liveness: int = protocol.LIVENESS,
                  job_stall_s: float = 60.0, worker_wait_s: float = 5.0,
                  default_models: dict[str, str | None] | None = None, router_name: str = "router",
-                 job_crash_limit: int = JOB_CRASH_LIMIT, clock: Callable[[], float] = time.monotonic):
+                 job_crash_limit: int = JOB_CRASH_LIMIT, aging_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.send = send
         self.clock = clock  # what liveness, stalls and dispatch times are measured with (tests move it by hand)
         self.queue_max = queue_max
@@ -60,7 +62,8 @@ class Scheduler:
         self.job_crash_limit = job_crash_limit
         self.workers: dict[bytes, WorkerState] = {}
         self.jobs: dict[str, JobRecord] = {}
-        self.queues: dict[str, collections.deque[JobRecord]] = collections.defaultdict(collections.deque)
+        # model -> its waiting jobs, in fair order between tokens (router/fairqueue.py)
+        self.queues: dict[str, FairQueue] = collections.defaultdict(lambda: FairQueue(self.clock, aging_s))
         self.known_models: set[str] = set()
         self.completed: collections.deque[float] = collections.deque()
         self.mesh_changed = asyncio.Event()
@@ -139,15 +142,16 @@ class Scheduler:
             self._defaults[op] = offered[0] if offered else None
         return self._defaults[op]
 
-    def submit(self, job: Job) -> JobRecord:
-        """Accept a job whose model is resolved; dispatch it now or queue it (bounded)."""
+    def submit(self, job: Job, *, tenant: str = "anonymous", priority: int = 0, weight: float = 1.0) -> JobRecord:
+        """Accept a job whose model is resolved; dispatch it now or queue it (bounded). ``tenant`` (the token
+        name), ``priority`` and ``weight`` place it in its model's queue (router/fairqueue.py)."""
         if not self.accepting:
             raise ApiError("shutting_down", "the router is shutting down", headers={"Retry-After": "5"})
         queue = self.queues[job.model]
         if len(queue) >= self.queue_max and not self._candidates(job):
             raise ApiError("queue_full", f"the queue for model '{job.model}' is full ({self.queue_max} jobs)",
                            {"queue_depth": len(queue)}, headers={"Retry-After": "2"})
-        rec = JobRecord(job, self.clock)
+        rec = JobRecord(job, self.clock, tenant=tenant, priority=priority, weight=weight)
         self.jobs[job.id] = rec
         queue.append(rec)
         self._drain(job.model)
@@ -183,7 +187,8 @@ class Scheduler:
     def _drain(self, model: str) -> None:
         queue = self.queues.get(model)
         while queue:
-            rec = queue[0]
+            rec = queue.peek()
+            assert isinstance(rec, JobRecord)
             candidates = self._candidates(rec.job)
             if not candidates:
                 return
