@@ -36,6 +36,8 @@ class RouterConfig:
     default_image_model: str | None = None
     queue_max: int = 64  # queued jobs per model
     queue_aging_s: float = 30.0  # a queued job gains one priority level per this many seconds waited
+    routing: str = "cache_aware"  # or "least_loaded" (router/affinity.py)
+    affinity_imbalance: float = 0.5  # how much busier (a fraction of its slots) a worker with the cache may be
     worker_wait_s: float = 5.0  # how long a request waits for a worker offering its model to appear
     max_body_mb: float = 32.0
     heartbeat_ms: int = protocol.HEARTBEAT_MS
@@ -138,6 +140,8 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
             raise ConfigError(f"{where}.weight: a number above 0, not {lim.weight!r}")
         if isinstance(lim.priority, bool) or not isinstance(lim.priority, int):
             raise ConfigError(f"{where}.priority: an integer, not {lim.priority!r}")
+    if router.routing not in ("cache_aware", "least_loaded"):
+        raise ConfigError(f"router.routing: 'cache_aware' or 'least_loaded', not {router.routing!r}")
     crash_limit = router.job_crash_limit
     if isinstance(crash_limit, bool) or crash_limit not in (1, 2):
         raise ConfigError(f"router.job_crash_limit: 1 or 2, not {crash_limit!r}")

@@ -42,6 +42,7 @@ def init_app(cfg: mesh_config.RouterConfig) -> web.Application:
                                liveness=cfg.liveness, job_stall_s=cfg.job_stall_s,
                                worker_wait_s=cfg.worker_wait_s, router_name=socket.gethostname(),
                                job_crash_limit=cfg.job_crash_limit, aging_s=cfg.queue_aging_s,
+                               routing=cfg.routing, affinity_imbalance=cfg.affinity_imbalance,
                                default_models={"text": cfg.default_text_model, "image": cfg.default_image_model})
     dialects.setup(app)
     for module in (status_routes, metrics, dashboard_routes):

@@ -124,6 +124,25 @@ class FairQueue:
         self._forget_idle()
         return job
 
+    def take(self, job: Queued) -> None:
+        """Remove ``job`` as served now: the head (``popleft``), or one further on that the scheduler chose
+        for its cache, charged to its tenant as if it had been its turn."""
+        if self._first and self._first[0] is job:
+            self.popleft()
+            return
+        if job in self._first:
+            self._first.remove(job)
+            self._len -= 1
+            return
+        tenant = self._tenants.get(job.tenant)
+        if tenant is None or job not in tenant.jobs:
+            raise ValueError("job not queued")
+        tenant.jobs.remove(job)
+        self._served_pass = max(self._served_pass, tenant.pass_)
+        tenant.pass_ += 1.0 / max(tenant.weight, 1e-6)
+        self._len -= 1
+        self._forget_idle()
+
     def _forget_idle(self) -> None:
         """Tenants with nothing waiting keep no state beyond their pass, and only while it is ahead of the
         pass served (a pass behind it would be raised on their next job anyway)."""

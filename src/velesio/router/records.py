@@ -135,6 +135,8 @@ class JobRecord:
         self.priority = priority
         self.weight = weight
         self.queued_at = clock()
+        self.key: str | None = None  # the prompt text cache-aware routing matches (router/affinity.py)
+        self.skipped = 0  # jobs placed before it, while it was the head of its queue, for their cache
         self.events = JobEvents()
         self.worker: WorkerState | None = None
         self.text_so_far = ""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from velesio.mesh.jobs import Job
 from velesio.mesh.params import TextParams, TextResult, to_wire
 from velesio.mesh.protocol import Command
 
+from .affinity import PrefixIndex, prompt_key
 from .errors import ApiError
 from .fairqueue import FairQueue
 from .records import JobRecord, WorkerState
@@ -28,6 +30,8 @@ __all__ = ["JobRecord", "Scheduler", "WorkerState"]
 log = logging.getLogger("velesio.router")
 
 MAX_ATTEMPTS = 4
+AFFINITY_WINDOW = 16  # how far down the queue a free worker looks for a job whose prompt it has cached
+AFFINITY_SKIPS = 8  # how many such jobs may go before the head of the queue
 JOB_CRASH_LIMIT = 1  # backends a job may crash, alone in them, before it ends with job_crashed_backend
 SHARED_CRASH_LIMIT = 2  # backends a job may be in when they crash among other jobs
 
@@ -48,8 +52,8 @@ class Scheduler:
                  heartbeat_ms: int = protocol.HEARTBEAT_MS, liveness: int = protocol.LIVENESS,
                  job_stall_s: float = 60.0, worker_wait_s: float = 5.0,
                  default_models: dict[str, str | None] | None = None, router_name: str = "router",
-                 job_crash_limit: int = JOB_CRASH_LIMIT, aging_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 job_crash_limit: int = JOB_CRASH_LIMIT, aging_s: float = 30.0, routing: str = "cache_aware",
+                 affinity_imbalance: float = 0.5, clock: Callable[[], float] = time.monotonic):
         self.send = send
         self.clock = clock  # what liveness, stalls and dispatch times are measured with (tests move it by hand)
         self.queue_max = queue_max
@@ -65,6 +69,9 @@ class Scheduler:
         # model -> its waiting jobs, in fair order between tokens (router/fairqueue.py)
         self.queues: dict[str, FairQueue] = collections.defaultdict(lambda: FairQueue(self.clock, aging_s))
         self.known_models: set[str] = set()
+        # cache-aware routing (router/affinity.py); None: least loaded only
+        self.affinity = PrefixIndex() if routing == "cache_aware" else None
+        self.affinity_imbalance = affinity_imbalance  # how much busier (fraction of slots) a cached worker may be
         self.completed: collections.deque[float] = collections.deque()
         self.mesh_changed = asyncio.Event()
         self._defaults: dict[str, str | None] = {}  # op -> the model it runs on when a request names none
@@ -152,6 +159,8 @@ class Scheduler:
             raise ApiError("queue_full", f"the queue for model '{job.model}' is full ({self.queue_max} jobs)",
                            {"queue_depth": len(queue)}, headers={"Retry-After": "2"})
         rec = JobRecord(job, self.clock, tenant=tenant, priority=priority, weight=weight)
+        if self.affinity is not None:
+            rec.key = prompt_key(job.op, job.params)
         self.jobs[job.id] = rec
         queue.append(rec)
         self._drain(job.model)
@@ -187,16 +196,61 @@ class Scheduler:
     def _drain(self, model: str) -> None:
         queue = self.queues.get(model)
         while queue:
-            rec = queue.peek()
-            assert isinstance(rec, JobRecord)
-            candidates = self._candidates(rec.job)
+            head = queue.peek()
+            assert isinstance(head, JobRecord)
+            candidates = self._candidates(head.job)
             if not candidates:
                 return
-            queue.popleft()
-            # Least loaded first (most free slots relative to size), then least recently used.
-            worker = min(candidates, key=lambda w: (-w.free(model) / max(1, w.models[model]["slots"]),
-                                                    len(w.running), w.last_dispatch))
+            rec, worker = self._place(model, queue, head, candidates)
+            queue.take(rec)
+            if rec.key is not None and self.affinity is not None:
+                self.affinity.record(model, rec.key, worker.name)
             self._dispatch(rec, worker)
+
+    @staticmethod
+    def _load(w: WorkerState, model: str) -> float:
+        return 1.0 - w.free(model) / max(1, int(w.models[model]["slots"]))
+
+    def _least_loaded(self, model: str, candidates: list[WorkerState]) -> WorkerState:
+        # Least loaded first (most free slots relative to size), then least recently used.
+        return min(candidates, key=lambda w: (self._load(w, model), len(w.running), w.last_dispatch))
+
+    def _cached_on(self, model: str, rec: JobRecord, candidates: list[WorkerState]) -> tuple[WorkerState | None, bool]:
+        """(a free worker that holds the longest cached prefix of the job's prompt of all workers, if it is not
+        much busier than the least loaded one; whether some worker holds a prefix of it at all)."""
+        if rec.key is None or self.affinity is None:
+            return None, False
+        matched = self.affinity.match(model, rec.key)
+        longest = max(matched.values(), default=0)
+        if longest < self.affinity.block:
+            return None, False
+        holders = [w for w in candidates if matched.get(w.name, 0) == longest]
+        if not holders:
+            return None, True  # its cache is on a busy worker
+        best = min(holders, key=lambda w: self._load(w, model))
+        least = min(self._load(w, model) for w in candidates)
+        balanced = self._load(best, model) - least <= self.affinity_imbalance
+        return (best if balanced else None), True
+
+    def _place(self, model: str, queue: FairQueue, head: JobRecord,
+               candidates: list[WorkerState]) -> tuple[JobRecord, WorkerState]:
+        """The job to run next and where (docs/protocol.md "Routing"): the head of the queue on the worker that
+        has its prompt's prefix cached; when that worker is busy, a job a little further on whose cache is
+        free (the head waits at most ``AFFINITY_SKIPS`` such turns); else the head on the least loaded."""
+        cached, anywhere = self._cached_on(model, head, candidates)
+        if cached is not None:
+            return head, cached
+        if anywhere and head.skipped < AFFINITY_SKIPS and not head.job.exclusive:
+            for rec in itertools.islice(queue, 1, AFFINITY_WINDOW):
+                assert isinstance(rec, JobRecord)
+                if rec.job.exclusive or rec.key is None:
+                    continue
+                able = [w for w in candidates if rec.job.op in w.models[model]["operations"]]
+                worker = self._cached_on(model, rec, able)[0] if able else None
+                if worker is not None:
+                    head.skipped += 1
+                    return rec, worker
+        return head, self._least_loaded(model, candidates)
 
     def _dispatch(self, rec: JobRecord, worker: WorkerState) -> None:
         worker.seq += 1
@@ -426,6 +480,8 @@ class Scheduler:
             return
         log.warning("worker %s removed: %s (%d job(s) in flight)", worker.name, why, len(worker.running))
         self._defaults.clear()
+        if self.affinity is not None and not any(w.name == worker.name for w in self.workers.values()):
+            self.affinity.drop_worker(worker.name)
         self.mesh_changed.set()
         for job_id, _attempt in list(worker.running):
             rec = self.jobs.get(job_id)
