@@ -214,10 +214,12 @@ def start_router(spawn, tmp_path_factory) -> Callable[..., Router]:
 @pytest.fixture(scope="session")
 def start_worker(spawn, tmp_path_factory) -> Callable[..., Proc]:
     def _start(router: Router, name: str, models: list[dict[str, Any]] | None = None, wait: bool = True,
-               worker_cfg: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Proc:
+               worker_cfg: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+               more_routers: list[Router] = (), args: list[str] = ()) -> Proc:
         cfg = {"worker": {"models": models, **(worker_cfg or {})}}
         path = write_config(tmp_path_factory.mktemp("worker") / "mesh.yaml", cfg)
-        proc = spawn([str(BIN / "velesio-worker"), "--router", router.mesh, "--config", path, "--name", name],
+        routers = [arg for r in (router, *more_routers) for arg in ("--router", r.mesh)]
+        proc = spawn([str(BIN / "velesio-worker"), *routers, "--config", path, "--name", name, *args],
                      f"worker-{name}", env=env)
         if wait:
             router.wait_workers({name})

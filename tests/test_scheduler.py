@@ -9,7 +9,7 @@ import pytest
 
 from velesio.mesh.protocol import Command
 from velesio.router.errors import ApiError
-from velesio.router.scheduler import MAX_ATTEMPTS
+from velesio.router.scheduler import MAX_ATTEMPTS, MAX_REFUSALS
 from velesio.testing.mesh import FakeMesh
 
 W1, W2, W3 = b"w1", b"w2", b"w3"
@@ -327,6 +327,55 @@ def test_a_draining_worker_takes_no_new_job():
         mesh.final(W2, mesh.request_for(rec))
 
 
+# ---- several routers share the workers -------------------------------------------------------------------
+def test_a_refusal_is_no_failure_and_the_refusing_worker_counts_as_full_until_it_beats():
+    mesh = two_workers()
+    rec = mesh.submit()
+    for _ in range(MAX_ATTEMPTS + 2):  # more refusals than attempts: still not a failure
+        req = mesh.request_for(rec)
+        mesh.error(mesh.where(req), req, "busy")
+        mesh.heartbeat(mesh.where(req), jobs=[], seen=len(mesh.requests()), load={"m": 1})
+    assert mesh.outcome(rec) is None
+    req = mesh.request_for(rec)
+    mesh.error(W1 if mesh.where(req) == W1 else W2, req, "busy")
+    # Both refused last: the job waits for a worker that says it has room again.
+    before = len(mesh.requests())
+    mesh.error(mesh.where(mesh.request_for(rec)), mesh.request_for(rec), "busy")
+    assert len(mesh.requests()) == before and mesh.scheduler.queue_depth() == 1
+    mesh.heartbeat(W2, jobs=[], seen=len(mesh.requests()), load={"m": 1})
+    assert mesh.where(mesh.request_for(rec)) == W2
+    mesh.final(W2, mesh.request_for(rec))
+    assert mesh.outcome(rec)[0] == "final"
+
+
+def test_slots_another_router_holds_are_not_offered():
+    mesh = FakeMesh()
+    mesh.join(W1, slots=2)
+    mesh.heartbeat(W1, jobs=[], seen=0, load={"m": 0})  # another router holds both slots
+    rec = mesh.submit()
+    assert not mesh.requests() and mesh.scheduler.queue_depth() == 1
+    mesh.heartbeat(W1, jobs=[], seen=0, load={"m": 1})  # one of them ended
+    first = mesh.request_for(rec)
+    second = mesh.submit()
+    assert mesh.scheduler.queue_depth() == 1  # the other slot is still theirs
+    mesh.heartbeat(W1, jobs=[first["id"]], seen=1, load={"m": 0})  # our job runs, theirs too
+    mesh.final(W1, first)
+    assert mesh.request_for(second)["attempt"] == 1  # our own slot came back
+
+
+def test_a_job_refused_too_often_ends_with_busy():
+    mesh = FakeMesh()
+    mesh.join(W1)
+    rec = mesh.submit()
+    for _ in range(MAX_REFUSALS + 1):
+        req = mesh.request_for(rec)
+        mesh.error(W1, req, "busy")
+        if mesh.outcome(rec) is None:
+            mesh.heartbeat(W1, jobs=[], seen=len(mesh.requests()), load={"m": 1})
+    err = error_of(mesh, rec)
+    assert err.code == "busy" and err.status == 503
+
+
 # ---- limits --------------------------------------------------------------------------------------------
 def test_a_full_queue_refuses_new_jobs():
     mesh = FakeMesh(queue_max=1)
@@ -348,7 +397,7 @@ def test_a_job_is_tried_at_most_max_attempts_times():
     for attempt in range(1, MAX_ATTEMPTS + 1):
         req = mesh.request_for(rec)
         assert req["attempt"] == attempt
-        mesh.error(mesh.where(req), req, "busy")
+        mesh.error(mesh.where(req), req, "backend_restarted")
     err = error_of(mesh, rec)
     assert err.code == "no_worker" and f"failed {MAX_ATTEMPTS} times" in err.message
     assert len(mesh.requests()) == MAX_ATTEMPTS

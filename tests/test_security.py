@@ -64,3 +64,19 @@ def test_tokens_never_logged(start_router, start_worker):
     assert "listening" in log
     for fragment in (secret, secret[:12], secret[-8:]):
         assert fragment not in log
+
+
+def test_curve_with_two_routers_of_their_own_keys(start_router, start_worker, tmp_path):
+    keys, allowed = tmp_path / "keys", tmp_path / "allowed"
+    allowed.mkdir()
+    a_pub, a_secret = make_keys(keys, "router-a")
+    b_pub, b_secret = make_keys(keys, "router-b")
+    w_pub, w_secret = make_keys(keys, "w")
+    (allowed / "w.key").write_bytes(w_pub.read_bytes())
+    a = start_router({"curve": {"secret_key": str(a_secret), "allowed_workers": str(allowed)}})
+    b = start_router({"curve": {"secret_key": str(b_secret), "allowed_workers": str(allowed)}})
+    start_worker(a, "two-keys", [SMOLLM2], more_routers=[b], wait=False,
+                 worker_cfg={"curve": {"secret_key": str(w_secret), "router_public_key": [str(a_pub), str(b_pub)]}})
+    for router in (a, b):
+        router.wait_workers({"two-keys"}, timeout=60)
+        assert router.post("/completion", {"prompt": "Hi", "max_tokens": 2}).status_code == 200

@@ -22,7 +22,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 __all__ = ["Client", "AsyncClient", "Completion", "ImageResult", "VelesioError", "Unauthorized", "InvalidRequest",
@@ -199,12 +199,37 @@ def _parse_line(line: bytes | str) -> dict[str, Any] | None:
 
 
 class _Base:
-    def __init__(self, base_url: str = "http://localhost:8000", token: str | None = None, *,
+    """``base_url``: one router, or several (a list, or comma-separated) serving the same mesh: a request
+    that cannot reach one router, or that it answers 429/503, is retried on the next (docs/deployment.md
+    "Several routers")."""
+
+    def __init__(self, base_url: str | Sequence[str] = "http://localhost:8000", token: str | None = None, *,
                  model: str | None = None, timeout: float = 120.0, max_retries: int = 2,
                  max_retry_wait: float = 30.0):
-        self.base_url = base_url.rstrip("/")
+        urls = base_url.split(",") if isinstance(base_url, str) else list(base_url)
+        self.base_urls = [u.strip().rstrip("/") for u in urls if u.strip()]
+        if not self.base_urls:
+            raise ValueError("base_url: at least one router URL")
+        self._router = 0  # the router requests go to; moves on when one fails
         self.token, self.model, self.timeout = token, model, timeout
         self.max_retries, self.max_retry_wait = max_retries, max_retry_wait
+
+    @property
+    def base_url(self) -> str:
+        return self.base_urls[self._router]
+
+    def _attempts(self) -> int:
+        """Tries per request: the retries, and at least one on each router."""
+        return max(self.max_retries, len(self.base_urls) - 1) + 1
+
+    def _unreachable(self, exc: BaseException, attempt: int) -> VelesioError | None:
+        """A connection error: move on to the next router and return None to retry there, or the error to
+        raise (one router only, or every try spent)."""
+        err = VelesioError(0, "connection_error", str(getattr(exc, "reason", exc)) or type(exc).__name__)
+        if len(self.base_urls) == 1 or attempt + 1 >= self._attempts():
+            return err
+        self._router = (self._router + 1) % len(self.base_urls)
+        return None
 
     def _headers(self, stream: bool = False) -> dict[str, str]:
         headers = {"Content-Type": "application/json",
@@ -214,9 +239,13 @@ class _Base:
         return headers
 
     def _wait(self, err: VelesioError, attempt: int) -> float | None:
-        """Seconds to sleep before retrying ``err``, or None to raise it."""
-        if err.status not in RETRY_STATUSES or attempt >= self.max_retries:
+        """Seconds to sleep before retrying ``err`` (on the next router, when there are several), or None to
+        raise it."""
+        if err.status not in RETRY_STATUSES or attempt + 1 >= self._attempts():
             return None
+        if len(self.base_urls) > 1:
+            self._router = (self._router + 1) % len(self.base_urls)
+            return 0.0 if attempt < len(self.base_urls) - 1 else min(0.5 * 2**attempt, self.max_retry_wait)
         wait = err.retry_after if err.retry_after is not None else 0.5 * 2**attempt
         return min(wait, self.max_retry_wait)
 
@@ -272,7 +301,7 @@ class Client(_Base):
 
     def _open(self, method: str, path: str, body: Any = None, stream: bool = False) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(self._attempts()):
             req = urllib.request.Request(self.base_url + path, data=data, method=method,
                                          headers=self._headers(stream))
             try:
@@ -280,7 +309,10 @@ class Client(_Base):
             except urllib.error.HTTPError as exc:
                 err = _error_of(exc.code, exc.read(), exc.headers.get("Retry-After"))
             except (urllib.error.URLError, OSError) as exc:
-                raise VelesioError(0, "connection_error", str(getattr(exc, "reason", exc))) from exc
+                unreachable = self._unreachable(exc, attempt)
+                if unreachable is not None:
+                    raise unreachable from exc
+                continue
             wait = self._wait(err, attempt)
             if wait is None:
                 raise err
@@ -326,12 +358,15 @@ class AsyncClient(_Base):
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
                 total=None, connect=self.timeout, sock_read=self.timeout))
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(self._attempts()):
             try:
                 resp = await self._session.request(method, self.base_url + path, json=body,
                                                    headers=self._headers(stream))
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                raise VelesioError(0, "connection_error", str(exc) or type(exc).__name__) from exc
+                unreachable = self._unreachable(exc, attempt)
+                if unreachable is not None:
+                    raise unreachable from exc
+                continue
             if resp.status < 400:
                 return resp
             async with resp:

@@ -74,16 +74,24 @@ class CurveServer:
 
 
 class CurveClient:
-    """Worker side: ``secret_key`` (the worker's .key_secret file), ``router_public_key`` (router's .key file)."""
+    """Worker side: ``secret_key`` (the worker's .key_secret file), ``router_public_key`` (the router's .key
+    file; with several routers one file for all, or a list in the order of the worker's routers)."""
 
-    def __init__(self, secret_key: str, router_public_key: str):
+    def __init__(self, secret_key: str, router_public_key: str | list[str]):
         self.public, self.secret = _load(secret_key, secret=True)
-        self.server_public = _load(router_public_key, secret=False)[0]
+        files = router_public_key if isinstance(router_public_key, list) else [router_public_key]
+        if not files:
+            raise CurveError("worker.curve.router_public_key: no key file")
+        self.server_publics = [_load(str(f), secret=False)[0] for f in files]
 
-    def apply_client(self, sock: zmq.Socket) -> None:
+    def apply_client(self, sock: zmq.Socket, router: int = 0) -> None:
+        """Secure ``sock`` for the worker's ``router``-th router."""
+        if len(self.server_publics) > 1 and router >= len(self.server_publics):
+            raise CurveError(f"worker.curve.router_public_key lists {len(self.server_publics)} keys; "
+                             f"router {router + 1} has none")
         sock.curve_secretkey = self.secret
         sock.curve_publickey = self.public
-        sock.curve_serverkey = self.server_public
+        sock.curve_serverkey = self.server_publics[router if len(self.server_publics) > 1 else 0]
 
 
 def server_from_config(cfg: dict | None) -> CurveServer | None:
@@ -91,7 +99,10 @@ def server_from_config(cfg: dict | None) -> CurveServer | None:
 
 
 def client_from_config(cfg: dict | None) -> CurveClient | None:
-    return CurveClient(str(cfg["secret_key"]), str(cfg["router_public_key"])) if cfg else None
+    if not cfg:
+        return None
+    keys = cfg["router_public_key"]
+    return CurveClient(str(cfg["secret_key"]), [str(k) for k in keys] if isinstance(keys, list) else str(keys))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,9 @@ class WorkerState:
         self.update(greeting.get("capabilities") or {})  # after ``backends``: READY's capabilities carry them
         self.running: dict[tuple[str, int], tuple[str, int]] = {}  # (job id, attempt) -> (model, slots held);
         self.busy: dict[str, int] = {}  # model -> slots held; start_job / end_job / clear_jobs keep both
+        # model -> slots other routers hold on this worker (several routers share a worker), from its
+        # heartbeats; set to "all the rest" when the worker refuses a job as busy, until its next heartbeat
+        self.others: dict[str, int] = {}
         self.last_seen = clock()
         self.registered_at = time.time()
         self.jobs_done = 0
@@ -63,6 +66,23 @@ class WorkerState:
         self.busy[model] -= slots
         return model
 
+    def note_load(self, free: dict[str, Any], listed: set[str]) -> None:
+        """A heartbeat's ``load`` (free slots per model, whoever holds the others) and ``jobs`` (this router's
+        jobs the worker runs): what is neither free nor ours is held by other routers."""
+        ours: dict[str, int] = {}
+        for (job_id, _attempt), (model, slots) in self.running.items():
+            if job_id in listed:
+                ours[model] = ours.get(model, 0) + slots
+        for model, m in self.models.items():
+            reported = free.get(model)
+            if isinstance(reported, int) and not isinstance(reported, bool):
+                self.others[model] = max(0, int(m["slots"]) - reported - ours.get(model, 0))
+
+    def refused(self, model: str) -> None:
+        """The worker said busy: another router holds what we thought free, until the next heartbeat."""
+        if model in self.models:
+            self.others[model] = max(0, int(self.models[model]["slots"]) - self.busy.get(model, 0))
+
     def clear_jobs(self) -> None:
         self.running.clear()
         self.busy.clear()
@@ -70,7 +90,7 @@ class WorkerState:
     def free(self, model: str) -> int:
         if not self.available(model):
             return 0
-        return max(0, int(self.models[model]["slots"]) - self.busy.get(model, 0))
+        return max(0, int(self.models[model]["slots"]) - self.busy.get(model, 0) - self.others.get(model, 0))
 
     @property
     def kinds(self) -> set[str]:
@@ -136,6 +156,7 @@ class JobRecord:
         self.weight = weight
         self.queued_at = clock()
         self.key: str | None = None  # the prompt text cache-aware routing matches (router/affinity.py)
+        self.refusals = 0  # times a worker answered "busy" (not failures: see Scheduler._refused)
         self.skipped = 0  # jobs placed before it, while it was the head of its queue, for their cache
         self.events = JobEvents()
         self.worker: WorkerState | None = None

@@ -30,6 +30,7 @@ __all__ = ["JobRecord", "Scheduler", "WorkerState"]
 log = logging.getLogger("velesio.router")
 
 MAX_ATTEMPTS = 4
+MAX_REFUSALS = 100  # "busy" answers a job may get (several routers racing for slots) before it ends with 503
 AFFINITY_WINDOW = 16  # how far down the queue a free worker looks for a job whose prompt it has cached
 AFFINITY_SKIPS = 8  # how many such jobs may go before the head of the queue
 JOB_CRASH_LIMIT = 1  # backends a job may crash, alone in them, before it ends with job_crashed_backend
@@ -284,6 +285,21 @@ class Scheduler:
             self.completed.append(time.time())
         rec.events.put_nowait((kind, payload))
 
+    def _refused(self, rec: JobRecord, worker: WorkerState) -> None:
+        """The worker had no room (another router took its slot, or its backend restarts): not a failure of
+        the job; it goes back to the head of the queue, and that worker counts as full until it beats again."""
+        job = rec.job
+        rec.worker = None
+        rec.refusals += 1
+        if rec.refusals > MAX_REFUSALS:
+            self._finish(rec, "error", ApiError("busy", f"no worker had room for the job after {MAX_REFUSALS} tries",
+                                                headers={"Retry-After": "1"}))
+            return
+        job.attempt += 1  # a new attempt number: anything late from the refusing worker is dropped
+        log.info("job %s: worker %s had no room; queued again as attempt %d", job.id, worker.name, job.attempt)
+        self.queues[job.model].appendleft(rec)
+        self._drain(job.model)
+
     def _fail_over(self, rec: JobRecord, reason: str) -> None:
         """Run the job again on another worker (docs/protocol.md, "Failover")."""
         if rec.done:
@@ -292,7 +308,7 @@ class Scheduler:
         rec.worker = None
         rec.failovers += 1
         self._observe("failover", rec)
-        if job.attempt >= MAX_ATTEMPTS:
+        if job.attempt - rec.refusals >= MAX_ATTEMPTS:
             self._finish(rec, "error", ApiError("no_worker", f"job failed {job.attempt} times ({reason})"))
             return
         job.attempt += 1
@@ -346,7 +362,14 @@ class Scheduler:
             if isinstance(progress, dict):
                 self._note_progress(worker, progress)
             if isinstance(body.get("jobs"), list) and isinstance(body.get("seen"), int):
-                self._reconcile(worker, set(map(str, body["jobs"])), body["seen"])
+                listed = set(map(str, body["jobs"]))
+                if isinstance(body.get("load"), dict):
+                    before = {m: worker.free(m) for m in worker.models}
+                    worker.note_load(body["load"], listed)
+                    for model, free in before.items():
+                        if worker.free(model) > free:
+                            self._drain(model)  # another router's jobs ended there
+                self._reconcile(worker, listed, body["seen"])
         elif command in (Command.PARTIAL, Command.FINAL, Command.ERROR):
             self._process_job_message(worker, command, body)
         elif command == Command.DISCONNECT:
@@ -390,7 +413,10 @@ class Scheduler:
         if command != Command.PARTIAL:
             model = worker.end_job(key) or worker.end_job((job_id, 0))
             if model is not None:
-                worker.jobs_done += 1
+                if command == Command.ERROR and body.get("code") == "busy":
+                    worker.refused(model)  # it has no room: full until it beats again (Scheduler._refused)
+                else:
+                    worker.jobs_done += 1
                 self._drain(model)
         rec = self.jobs.get(job_id)
         if rec is None or rec.job.attempt != attempt or rec.worker is not worker:
@@ -415,7 +441,7 @@ class Scheduler:
         else:
             code = str(body.get("code") or "internal_error")
             if code == "busy":
-                self._fail_over(rec, f"worker {worker.name} was busy")
+                self._refused(rec, worker)
                 return
             if code == "backend_restarted":  # stopped for another job's sake: no blame
                 self._fail_over(rec, f"the backend of worker {worker.name} was restarted")

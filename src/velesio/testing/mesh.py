@@ -144,11 +144,13 @@ class FakeMesh:
 
     def heartbeat(self, identity: bytes, *, jobs: Sequence[str] | None = None,
                   progress: Mapping[str, int] | None = None, seen: int | None = None,
-                  backends: Mapping[str, dict[str, Any]] | None = None, draining: bool | None = None) -> None:
-        """HEARTBEAT with only the fields given (a bare one is just a sign of life)."""
+                  backends: Mapping[str, dict[str, Any]] | None = None, draining: bool | None = None,
+                  load: Mapping[str, int] | None = None) -> None:
+        """HEARTBEAT with only the fields given (a bare one is just a sign of life); ``load``: free slots per
+        model, whichever router holds the others."""
         self.deliver(identity, Command.HEARTBEAT, messages.worker_heartbeat(
             jobs=None if jobs is None else list(jobs), progress=None if progress is None else dict(progress),
-            seen=seen, draining=draining,
+            seen=seen, draining=draining, load=None if load is None else dict(load),
             # Entries as given: a test may send only the keys it needs.
             backends=None if backends is None else cast("dict[str, messages.BackendStatus]", dict(backends))))
 

@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     routers = args.router or cfg.routers
     try:
         link_security = curve.client_from_config(cfg.curve)
+        if link_security is not None and len(link_security.server_publics) not in (1, len(routers)):
+            raise curve.CurveError(f"worker.curve.router_public_key: {len(link_security.server_publics)} keys for "
+                                   f"{len(routers)} routers; give one key for all, or one per router in their order")
     except curve.CurveError as exc:
         print(f"velesio-worker: {exc}", file=sys.stderr)
         return 2

@@ -96,7 +96,7 @@ class Worker:
         return {name: m.process.status() for name, m in self.models.items()}
 
     async def serve(self, routers: list[str], stop: asyncio.Event) -> None:
-        self.links = [RouterLink(self, address) for address in routers]
+        self.links = [RouterLink(self, address, i) for i, address in enumerate(routers)]
         tasks = [asyncio.create_task(link.run(stop)) for link in self.links]
         tasks.append(asyncio.create_task(self._watch()))
         await stop.wait()
@@ -168,14 +168,19 @@ class Worker:
         process.run(rj, body, self.partial_window_s)
 
     def _job_ended(self, rj: RunningJob) -> None:
-        """Free the job's slots before its router hears of the end: it may send the next job at once."""
+        """Free the job's slots before its router hears of the end: it may send the next job at once. Other
+        routers hear of the free slots at once too (several routers share this worker)."""
         if self.running.pop((rj.job_id, rj.attempt), None) is not None:
             self.models[rj.model].busy -= rj.slots
             self.jobs_done += 1
+            for link in self.links:
+                if link is not rj.link and link.welcomed:
+                    link.heartbeat()
 
     def backend_out(self, rj: RunningJob, frame: bytes) -> None:
         rj.progress_n += 1
-        rj.link.send_frame(frame)
+        if rj.link is not None:
+            rj.link.send_frame(frame)
 
     def backend_progress(self, rj: RunningJob, n: int) -> None:
         rj.progress_n = n
@@ -183,13 +188,15 @@ class Worker:
     def backend_end(self, rj: RunningJob, frame: bytes, outcome: str) -> None:
         self._job_ended(rj)
         log.info("job %s attempt %d on %s: %s", rj.job_id, rj.attempt, rj.model, outcome, extra={"job": rj.job_id})
-        rj.link.send_frame(frame)
+        if rj.link is not None:
+            rj.link.send_frame(frame)
 
     def backend_lost(self, rj: RunningJob, code: str, message: str, details: dict[str, Any]) -> None:
         self._job_ended(rj)
         log.warning("job %s attempt %d on %s: %s (%s)", rj.job_id, rj.attempt, rj.model, code, message,
                     extra={"job": rj.job_id})
-        rj.link.send(Command.ERROR, messages.error(rj.job_id, rj.attempt, code, message, details))
+        if rj.link is not None:
+            rj.link.send(Command.ERROR, messages.error(rj.job_id, rj.attempt, code, message, details))
 
     def backend_state(self, process: BackendProcess) -> None:
         """A backend process went down or came back: tell every router now, not at the next beat."""
@@ -216,9 +223,10 @@ class RouterLink:
     processes. Any use of the socket may consume its descriptor's edge, so a send that finds frames
     waiting schedules a read."""
 
-    def __init__(self, worker: Worker, address: str):
+    def __init__(self, worker: Worker, address: str, index: int = 0):
         self.worker = worker
         self.address = address
+        self.index = index  # its place in the worker's routers (which CurveZMQ key is its)
         self.sock: zmq.Socket | None = None
         self.welcomed = False
         self.last_heard = 0.0
@@ -277,7 +285,7 @@ class RouterLink:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         if self.worker.curve is not None:
-            self.worker.curve.apply_client(sock)
+            self.worker.curve.apply_client(sock, self.index)
         sock.connect(self.address)
         self.sock = sock
         self.welcomed = False
@@ -288,6 +296,16 @@ class RouterLink:
     def _jobs(self) -> list[RunningJob]:
         """The jobs this router gave us that are still running."""
         return [rj for rj in self.worker.running.values() if rj.link is self]
+
+    def orphan_jobs(self, why: str) -> None:
+        """The router that sent these jobs lost us (or we lost it): it has moved them elsewhere or is gone,
+        so nobody waits for their results. Stop them, to give their slots to the routers still here."""
+        jobs = self._jobs()
+        if jobs:
+            log.warning("router %s %s: stopping its %d job(s)", self.address, why, len(jobs))
+        for rj in jobs:
+            rj.link = None
+            self.worker.models[rj.model].process.cancel(rj)
 
     def greet(self) -> None:
         self.seen_seq = 0  # a router that registers us anew numbers its REQUESTs from 1
@@ -326,6 +344,7 @@ class RouterLink:
                     log.warning("router %s %s; reconnecting in %.2fs", self.address, why, backoff)
                     self.disconnected = False
                     self.close()
+                    self.orphan_jobs(why)
                     await asyncio.sleep(backoff + random.uniform(0, backoff / 4))
                     backoff = min(backoff * 2, protocol.RECONNECT_MAX_S)
                     self._connect(reader)
@@ -360,6 +379,7 @@ class RouterLink:
             reason = body.get("reason")
             if reason == protocol.REASON_UNKNOWN:
                 log.info("router %s does not know this worker (restarted?); announcing again", self.address)
+                self.orphan_jobs("does not know this worker")
                 self.welcomed = False
                 self.greet()
             elif reason == protocol.REASON_VERSION:
