@@ -105,7 +105,8 @@ class Cluster:
     """One router and any number of workers. Use as a context manager: everything stops on exit."""
 
     def __init__(self, workdir: Path, *, loop: str = "uvloop", router_cfg: dict[str, Any] | None = None,
-                 worker_env: dict[str, str] | None = None):
+                 worker_env: dict[str, str] | None = None, api_tokens: str = TOKEN):
+        self.api_tokens = api_tokens  # API_TOKENS: comma-separated, named token-1, token-2, ... in order
         self.workdir = workdir
         self.loop = loop
         self.router_cfg = {**ROUTER_CONFIG, **(router_cfg or {})}
@@ -135,7 +136,7 @@ class Cluster:
         cfg.write_text(yaml.safe_dump({"router": self.router_cfg}))
         args = [str(BIN / "velesio-router"), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(self.port),
                 "--mesh-bind", self.mesh]
-        self.router = Proc(args, self._path("router", ".log"), env={"API_TOKENS": TOKEN, "VELESIO_LOOP": self.loop})
+        self.router = Proc(args, self._path("router", ".log"), env={"API_TOKENS": self.api_tokens, "VELESIO_LOOP": self.loop})
         self.wait_for(lambda h: True, 30)
 
     def start_workers(self, names: list[str], models: list[dict[str, Any]], wait: float = 120) -> None:

@@ -43,6 +43,17 @@ class Settings:
     two_max_tokens: tuple[int, ...] = (16, 64)
     two_deadline_s: float = 45.0  # a loaded phase ends here; requests still open count as unanswered
     two_threads: int | None = None  # (b): n_threads given through options instead of the worker's share
+    # routing (bench/routing.py): cache-aware vs least-loaded, and fair share
+    routing_rounds: int = 2  # each mode this many times, in turn; medians reported
+    routing_workers: int = 4
+    routing_slots: int = 4  # per worker
+    routing_threads: int = 1  # llama.cpp threads per worker
+    routing_conversations: int = 32
+    routing_turns: int = 6
+    routing_max_tokens: int = 16
+    fair_flood: int = 200
+    fair_b_requests: int = 10
+    fair_max_tokens: int = 8
     loop: str = "uvloop"  # the router's and workers' event loop (VELESIO_LOOP): uvloop or asyncio
     profile: bool = False  # py-spy the router during scenarios 1 and 2
     client: str = "wrk"  # scenario 1's load generator: wrk (when installed) or python (bench/loadgen.py)
@@ -52,7 +63,8 @@ class Settings:
     def quick(cls, **kw: Any) -> Settings:
         return cls(duration=1.5, warmup=0.5, rounds=1, stream_tokens=500, stream_rounds=1, e2e_reps=2,
                    scaling_workers=(1, 2, 4), scaling_delay_ms=50, idle_streams=200, two_requests=16, two_idle=3,
-                   two_deadline_s=20.0, **kw)
+                   two_deadline_s=20.0, routing_rounds=1, routing_conversations=8, routing_turns=3, fair_flood=40,
+                   fair_b_requests=3, **kw)
 
 
 Log = Callable[[str], None]

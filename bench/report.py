@@ -20,6 +20,9 @@ TARGETS = {
     "idle_rss_mb": 150,
     "two_workers_rps_ratio": 1.0,  # (b) two workers on one host ÷ (a) one worker
     "two_workers_max_over_idle": 10,  # (b)'s slowest request ÷ its idle latency
+    "affinity_ttft_ratio": 0.5,  # cache-aware turn-2+ TTFT p50 ÷ least-loaded's
+    "affinity_throughput_ratio": 1.0,  # cache-aware tokens/s ÷ least-loaded's
+    "fairness_b_over_idle": 2.0,  # B's p50 latency under A's flood ÷ idle (within one job time of idle)
 }
 
 
@@ -72,6 +75,16 @@ def checks(results: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     two = sc.get("two-workers") or {}
     if two.get("rows"):
         out += two_worker_checks(two, TARGETS["two_workers_max_over_idle"])
+    aff = sc.get("affinity") or {}
+    if aff.get("summary"):
+        out.append(("cache-aware routing: turn 2+ TTFT p50 ÷ least-loaded", f"≤ {TARGETS['affinity_ttft_ratio']}",
+                    _f(aff["ttft_p50_ratio"], 2), aff["ttft_p50_ratio"] <= TARGETS["affinity_ttft_ratio"]))
+        out.append(("cache-aware routing: tokens/s ÷ least-loaded", f"≥ {TARGETS['affinity_throughput_ratio']}",
+                    _f(aff["throughput_ratio"], 2), aff["throughput_ratio"] >= TARGETS["affinity_throughput_ratio"]))
+    fair = sc.get("fairness") or {}
+    if fair.get("b_over_idle"):
+        out.append(("fair share: B's p50 under A's flood ÷ idle", f"≤ {TARGETS['fairness_b_over_idle']}",
+                    _f(fair["b_over_idle"], 2), fair["b_over_idle"] <= TARGETS["fairness_b_over_idle"]))
     mem = sc.get("memory") or {}
     if mem.get("opened"):
         out.append((f"router RSS with {mem['opened']:,} idle streams", f"≤ {TARGETS['idle_rss_mb']} MB",
@@ -174,6 +187,24 @@ def markdown(results: dict[str, Any]) -> str:
             lines += _table(["system", "threads per worker", "max_tokens", "answered", "req/s", "tokens/s",
                              "p50 ms", "p99 ms", "max ms", "idle p50 ms", "max ÷ idle", "jobs per worker"],
                             rows) + [""]
+    if "affinity" in sc:
+        a = sc["affinity"]
+        lines += [f"**7. Cache-aware routing** — {a['workers']} workers ({a['slots']} slots, {a['threads']} thread "
+                  f"each), {a['conversations']} conversations of {a['turns']} turns sharing a system prompt, all at "
+                  f"once, {a['max_tokens']} tokens per reply; medians of {len(a['rounds']['cache_aware'])} rounds "
+                  "per mode, the modes in turn.", ""]
+        rows = [[mode, _f(r["turn2_ttft_p50_ms"]), _f(r["turn2_ttft_p99_ms"]), _f(r["completion_tokens_per_s"], 1),
+                 f"{_f(r['prompt_tokens_evaluated'])} of {_f(r['prompt_tokens'])}", str(r["failed"])]
+                for mode, r in a["summary"].items()]
+        lines += _table(["routing", "turn 2+ TTFT p50 ms", "p99 ms", "tokens/s", "prompt tokens evaluated",
+                         "failed"], rows) + [""]
+    if "fairness" in sc:
+        f = sc["fairness"]
+        lines += [f"**8. Fair share** — one worker; token A sends {f['flood']} requests at once, token B one a "
+                  f"second ({f['b_requests']}), {f['max_tokens']} tokens each.", ""]
+        lines += _table(["idle p50 ms", "B p50 ms", "B max ms", "B ÷ idle", "A p50 s", "A still waiting after B"],
+                        [[_f(f["idle_p50_s"] * 1e3), _f(f["b_p50_s"] * 1e3), _f(f["b_max_s"] * 1e3),
+                          _f(f["b_over_idle"], 2), _f(f["a_p50_s"], 1), str(f["a_still_waiting_after_b"])]]) + [""]
     ck = checks(results)
     if ck:
         lines += ["**Targets** (for a 2-core machine)", ""]

@@ -18,6 +18,7 @@ from .cluster import Cluster, CpuMeter, rss_mb
 from .common import ECHO, ROOT, Log, Profiler, Settings, loadgen, pct
 from .e2e import end_to_end
 from .overhead import overhead
+from .routing import affinity, fairness
 from .twoworkers import two_workers
 
 __all__ = ["SCENARIOS", "Settings"]
@@ -151,4 +152,4 @@ def memory(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
 
 SCENARIOS: dict[str, Callable[[Settings, Path, Log], dict[str, Any]]] = {
     "overhead": overhead, "stream": stream_relay, "e2e": end_to_end, "scaling": scaling, "memory": memory,
-    "two-workers": two_workers}
+    "two-workers": two_workers, "affinity": affinity, "fairness": fairness}
