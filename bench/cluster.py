@@ -136,7 +136,8 @@ class Cluster:
         cfg.write_text(yaml.safe_dump({"router": self.router_cfg}))
         args = [str(BIN / "velesio-router"), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(self.port),
                 "--mesh-bind", self.mesh]
-        self.router = Proc(args, self._path("router", ".log"), env={"API_TOKENS": self.api_tokens, "VELESIO_LOOP": self.loop})
+        self.router = Proc(args, self._path("router", ".log"),
+                           env={"API_TOKENS": self.api_tokens, "VELESIO_LOOP": self.loop})
         self.wait_for(lambda h: True, 30)
 
     def start_workers(self, names: list[str], models: list[dict[str, Any]], wait: float = 120) -> None:
