@@ -137,8 +137,9 @@ def test_txt2img_shape(sd):
     assert png(out["images"][0]).size == (64, 64)
     params = out["parameters"]
     assert params["prompt"] == SMALL["prompt"] and params["steps"] == 4 and params["width"] == 64
-    assert params["seed"] == -1 and params["cfg_scale"] == 7.5 and params["batch_size"] == 1  # defaults echoed
+    assert params["cfg_scale"] == 7.5 and params["batch_size"] == 1  # defaults echoed
     info = out["info_dict"]
+    assert params["seed"] == info["seed"] != -1  # the seed drawn for the default -1, as the reference shows
     assert INFO_KEYS <= set(info)
     assert info["sd_model_name"] in ("tiny-sd", "tiny-sd-b") and info["sd_model_hash"]
     assert info["sampler_name"] == "Euler a" and info["cfg_scale"] == 7.5 and info["steps"] == 4
@@ -197,7 +198,9 @@ def test_seed_minus_one_is_resolved(sd):
     info = out["info_dict"]
     assert info["seed"] != -1 and 0 <= info["seed"] < 2**32
     assert info["subseed"] != -1 and info["all_subseeds"] == [info["subseed"]]
-    assert out["parameters"]["seed"] == -1  # the echo is the request, as in A1111
+    # the echo of the request carries what was resolved: the seeds drawn, the sampler used
+    assert out["parameters"]["seed"] == info["seed"] and out["parameters"]["subseed"] == info["subseed"]
+    assert out["parameters"]["sampler_name"] == info["sampler_name"] == "Euler a"
 
 
 def test_batch_and_iterations(sd):
@@ -243,9 +246,29 @@ def test_model_selection(sd):
     out = generate(sd, "txt2img", {**SMALL, "model": "tiny-sd-b"})
     assert out["info_dict"]["sd_model_name"] == "tiny-sd-b"
     r = sd.post("/sdapi/v1/txt2img", {**SMALL, "override_settings": {"sd_model_checkpoint": "nope [123]"}})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "override_settings.sd_model_checkpoint"
+    assert r.status_code == 404 and r.json()["error"]["param"] == "override_settings.sd_model_checkpoint"
+    assert r.json()["error"]["code"] == "model_not_found"  # as for text models
+    r = sd.post("/sdapi/v1/img2img", {**SMALL, "model": "no-such-checkpoint", "init_images": [_png_1px()]})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found" and r.json()["detail"]
     r = sd.post("/sdapi/v1/txt2img", {**SMALL, "model": "smollm2-135m-instruct"})
-    assert r.status_code == 501, r.text  # a text model cannot draw
+    assert r.status_code == 400, r.text  # a text model cannot draw: the client's mistake, not a server error
+    assert "txt2img" in r.json()["error"]["message"]
+
+
+def test_parameters_carry_the_resolved_seed_and_sampler(sd):
+    r = sd.post("/sdapi/v1/txt2img", {**SMALL, "sampler_name": "euler", "seed": -1})
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Request-Id"].startswith("j-")  # as on the text routes
+    out, info = r.json(), json.loads(r.json()["info"])
+    assert out["parameters"]["seed"] == info["seed"] != -1
+    assert out["parameters"]["sampler_name"] == info["sampler_name"] == "Euler"  # the name the backend used
+
+
+def test_options_carry_what_a1111_clients_read(sd):
+    body = options(sd, TOKEN)
+    for key in ("send_seed", "send_size", "samples_format", "sd_model_checkpoint", "CLIP_stop_at_last_layers"):
+        assert key in body, key
+    assert body["send_seed"] is True and body["samples_format"] == "png" and body["sd_model_checkpoint"]
 
 
 def _png_1px() -> str:

@@ -160,7 +160,7 @@ def test_retry_honours_retry_after(narrow):
     models = Client(narrow.url, narrow.token, max_retries=3).models()  # 429, waits 1 s, retries
     elapsed = time.monotonic() - started
     thread.join()
-    assert models == {"text_models": [], "image_models": []} and elapsed >= 1.0
+    assert models == {"text_models": [], "image_models": [], "object": "list", "data": []} and elapsed >= 1.0
     assert len(errors) == 1 and isinstance(errors[0], ServiceUnavailable) and errors[0].code == "no_worker"
     assert errors[0].retry_after and errors[0].retry_after > 0
 

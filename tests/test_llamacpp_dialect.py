@@ -145,16 +145,16 @@ def test_stream_is_one_event_per_chunk_without_done(mesh):
     assert "".join(e["content"] for e in partials) == whole.json()["content"]
 
 
-def test_error_mid_stream_is_one_llamacpp_event(mesh):
-    """An error after the stream started (the worker refuses an over-long prompt) is one error event."""
-    status, _headers, chunks = http_chunks(mesh, "/completion", {"prompt": "hello " * 2100, "n_predict": 2,
-                                                                 "stream": True})
-    assert status == 200
-    events = llama_events(chunks)
-    assert len(events) == 1 and b"[DONE]" not in b"".join(chunks)
-    error = events[0]["error"]
+def test_error_before_the_first_piece_is_an_http_status(mesh):
+    """An error known before generation starts (the worker refuses an over-long prompt) is the stream's HTTP
+    status and error body, as llama.cpp answers it, with llama.cpp's n_prompt_tokens and n_ctx."""
+    status, headers, chunks = http_chunks(mesh, "/completion", {"prompt": "hello " * 2100, "n_predict": 2,
+                                                                "stream": True})
+    assert status == 400 and headers["content-type"].startswith("application/json")
+    error = json.loads(b"".join(chunks))["error"]
     assert error["code"] == 400 and isinstance(error["code"], int)
     assert error["type"] == "exceed_context_size_error" and error["message"]
+    assert error["n_prompt_tokens"] > error["n_ctx"] == 2048 and "details" in error
 
 
 @pytest.mark.parametrize("body, field", [

@@ -30,6 +30,8 @@ class RouterConfig:
     port: int = 8000
     mesh_bind: str = "tcp://0.0.0.0:5555"
     tokens: dict[str, str] = dataclasses.field(default_factory=dict)  # token -> name (names go in logs)
+    # The operator API's tokens (/admin/*), never valid on the users' routes, nor theirs here; none: it is off.
+    admin_tokens: dict[str, str] = dataclasses.field(default_factory=dict)
     token_limits: dict[str, TokenLimits] = dataclasses.field(default_factory=dict)  # name -> limits
     rate_limit: TokenLimits = dataclasses.field(default_factory=TokenLimits)
     default_text_model: str | None = None
@@ -48,6 +50,11 @@ class RouterConfig:
     cors_origins: list[str] = dataclasses.field(default_factory=lambda: ["*"])
     curve: dict[str, str] | None = None  # {secret_key, allowed_workers}; None: plain TCP
     options_scope: str = "token"  # A1111 /sdapi/v1/options changes: "token" (per token) or "global"
+    # Model names clients send -> the served model they mean; "*": any name no worker offers.
+    model_aliases: dict[str, str] = dataclasses.field(default_factory=dict)
+    header_timeout_s: float = 10.0  # a request's line and headers must arrive within this long
+    body_timeout_s: float = 60.0  # a request's body must arrive within this long of its headers
+    keepalive_s: float = 75.0  # an idle keep-alive connection is closed after this long
 
 
 @dataclasses.dataclass
@@ -61,6 +68,7 @@ class WorkerConfig:
     partial_window_ms: float = protocol.PARTIAL_WINDOW_MS  # stream pieces this soon after the last PARTIAL go together
     models: list[dict[str, Any]] | None = None  # None: the embedded default models
     curve: dict[str, str] | None = None  # {secret_key, router_public_key}; None: plain TCP
+    memory_budget_mb: int | None = None  # what this worker's models may take together, by their estimates
 
 
 @dataclasses.dataclass
@@ -81,18 +89,18 @@ def _fill(cls, data: Any, where: str):
     return cls(**data)
 
 
-def _parse_tokens(value: Any) -> dict[str, str]:
+def _parse_tokens(value: Any, where: str = "router.tokens", prefix: str = "token") -> dict[str, str]:
     """``tokens`` is a list of strings or of ``{token, name}``; API_TOKENS is comma-separated."""
     out: dict[str, str] = {}
     if isinstance(value, str):
         value = [t for t in (s.strip() for s in value.split(",")) if t]
     for i, item in enumerate(value or []):
         if isinstance(item, str):
-            out[item] = f"token-{i + 1}"
+            out[item] = f"{prefix}-{i + 1}"
         elif isinstance(item, dict) and isinstance(item.get("token"), str):
-            out[item["token"]] = str(item.get("name") or f"token-{i + 1}")
+            out[item["token"]] = str(item.get("name") or f"{prefix}-{i + 1}")
         else:
-            raise ConfigError(f"router.tokens[{i}]: a string or {{token, name}}")
+            raise ConfigError(f"{where}[{i}]: a string or {{token, name}}")
     return out
 
 
@@ -126,12 +134,14 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
         raise ConfigError("router: must be a mapping")
     router_raw = dict(router_raw)
     tokens = _parse_tokens(router_raw.pop("tokens", None))
+    admin_tokens = _parse_tokens(router_raw.pop("admin_tokens", None), "router.admin_tokens", "admin")
     limits_raw = router_raw.pop("token_limits", None) or {}
     if not isinstance(limits_raw, dict):
         raise ConfigError("router.token_limits: must be a mapping of token name to limits")
     rate_raw = router_raw.pop("rate_limit", None)
     router = _fill(RouterConfig, router_raw, "router")
     router.tokens = tokens
+    router.admin_tokens = admin_tokens
     router.rate_limit = _fill(TokenLimits, rate_raw, "router.rate_limit")
     router.token_limits = {str(k): _fill(TokenLimits, v, f"router.token_limits.{k}") for k, v in limits_raw.items()}
     for where, lim in [("router.rate_limit", router.rate_limit),
@@ -147,6 +157,17 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
         raise ConfigError(f"router.job_crash_limit: 1 or 2, not {crash_limit!r}")
     if router.options_scope not in ("token", "global"):
         raise ConfigError(f"router.options_scope: 'token' or 'global', not {router.options_scope!r}")
+    aliases = router.model_aliases
+    if aliases is None:
+        router.model_aliases = {}
+    elif not isinstance(aliases, dict) or not all(isinstance(k, str) and k and isinstance(v, str) and v
+                                                  for k, v in aliases.items()):
+        raise ConfigError("router.model_aliases: a mapping of model names to served model names "
+                          "(\"*\" for any unknown name)")
+    for key in ("header_timeout_s", "body_timeout_s", "keepalive_s"):
+        value = getattr(router, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"router.{key}: a number of seconds > 0, not {value!r}")
     worker = _fill(WorkerConfig, raw.get("worker"), "worker")
     if isinstance(worker.routers, str):
         worker.routers = [worker.routers]
@@ -156,9 +177,17 @@ def load(path: str | os.PathLike | None = None, env: dict[str, str] | None = Non
     window = worker.partial_window_ms
     if isinstance(window, bool) or not isinstance(window, (int, float)) or not 0 <= window <= 1000:
         raise ConfigError(f"worker.partial_window_ms: a number of milliseconds from 0 to 1000, not {window!r}")
+    budget = worker.memory_budget_mb
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ConfigError(f"worker.memory_budget_mb: a whole number of MB >= 1 (or null: no budget), not {budget!r}")
 
     if env.get("API_TOKENS"):
         router.tokens = _parse_tokens(env["API_TOKENS"])
+    if env.get("ADMIN_TOKENS"):
+        router.admin_tokens = _parse_tokens(env["ADMIN_TOKENS"], "ADMIN_TOKENS", "admin")
+    if set(router.admin_tokens) & set(router.tokens):
+        raise ConfigError("router.admin_tokens: an admin token is also an API token; the operator API needs tokens "
+                          "of its own")
     for key, attr, cast in (("VELESIO_HOST", "host", str), ("VELESIO_PORT", "port", int),
                             ("VELESIO_MESH_BIND", "mesh_bind", str)):
         if env.get(key):

@@ -121,7 +121,8 @@ export class VelesioClient {
   txt2img(prompt: string, options?: ImageOptions): Promise<ImageResult>;
   img2img(initImages: ImageInput | ImageInput[], prompt: string, options?: ImageOptions): Promise<ImageResult>;
   health(): Promise<Record<string, any>>;
-  models(): Promise<{ text_models: Array<Record<string, any>>; image_models: Array<Record<string, any>> }>;
+  models(): Promise<{ text_models: Array<Record<string, any>>; image_models: Array<Record<string, any>>;
+    object: 'list'; data: Array<{ id: string; object: 'model'; created: number; owned_by: string; meta: Record<string, any> }> }>;
   queueStatus(): Promise<Record<string, any>>;
 }
 

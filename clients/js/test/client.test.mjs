@@ -198,7 +198,7 @@ describe('retries', () => {
     const started = performance.now();
     const models = await new VelesioClient(narrow.url, TOKEN, { maxRetries: 3 }).models();
     const elapsed = performance.now() - started;
-    assert.deepEqual(models, { text_models: [], image_models: [] });
+    assert.deepEqual(models, { text_models: [], image_models: [], object: 'list', data: [] });
     assert.ok(elapsed >= 1000, `answered after ${elapsed} ms, before Retry-After`);
     const err = await held;
     assert.ok(err instanceof ServiceUnavailable && err.code === 'no_worker' && err.retryAfter > 0);

@@ -124,8 +124,10 @@ class LlamaCppBackend(Backend):
         path = embedded_model_path()
         if path is None:
             return []
+        # The embedded model also serves embeddings, so that /v1/embeddings works out of the box: a second
+        # copy of its weights and a context of its own, about 120 MB and 0.2 s more at load.
         return [ModelConfig(name=EMBEDDED_NAME, backend=cls.name, path=path, slots=1,
-                            options={"n_ctx": 2048})]
+                            options={"n_ctx": 2048, "embeddings": True})]
 
     def load(self) -> dict[str, Any]:
         import llama_cpp
@@ -150,7 +152,9 @@ class LlamaCppBackend(Backend):
         self._embedder = None
         self._embed_lock = threading.Lock()
         if opts.get("embeddings"):
-            self._embedder = llama_cpp.Llama(**{**kwargs, "embedding": True})
+            # One batch holds any input that fits the context (llama.cpp refuses inputs beyond the batch).
+            self._embedder = llama_cpp.Llama(**{**kwargs, "embedding": True, "n_batch": kwargs["n_ctx"],
+                                                "n_ubatch": kwargs["n_ctx"]})
         with self._threads_lock:
             self._llms = [*self._pool.queue, *([self._embedder] if self._embedder is not None else [])]
             self.n_threads, self.n_threads_batch = n_threads, n_threads_batch
@@ -162,12 +166,16 @@ class LlamaCppBackend(Backend):
         llm = self._pool.queue[0]
         meta = llm.metadata or {}
         self.chat_template = meta.get("tokenizer.chat_template")
-        self._formatter = None
+        self._formatter = self._formatter_no_prompt = None
         if self.chat_template:
             eos = llm.detokenize([llm.token_eos()], special=True).decode(errors="ignore")
             bos = llm.detokenize([llm.token_bos()], special=True).decode(errors="ignore")
             self._formatter = Jinja2ChatFormatter(self.chat_template, eos_token=eos, bos_token=bos,
                                                   stop_token_ids=[llm.token_eos()])
+            # /apply-template with add_generation_prompt: false
+            self._formatter_no_prompt = Jinja2ChatFormatter(self.chat_template, eos_token=eos, bos_token=bos,
+                                                            add_generation_prompt=False,
+                                                            stop_token_ids=[llm.token_eos()])
         self.n_ctx = llm.n_ctx()
         # Every end-of-generation token (eos, <|im_end|>, ...), for ignore_eos.
         self._eog = [t for t in range(llm.n_vocab()) if llama_cpp.llama_token_is_eog(llm._model.vocab, t)]
@@ -191,7 +199,7 @@ class LlamaCppBackend(Backend):
             if isinstance(p, DetokenizeParams):
                 return self._detokenize(llm, p)
             if isinstance(p, TemplateParams):
-                return TemplateResult(prompt=self._render_chat(p.messages)[0])
+                return TemplateResult(prompt=self._render_chat(p.messages, p.add_generation_prompt)[0])
             if isinstance(p, TextParams) and job.op == "chat":
                 prompt, stops = self._render_chat(p.messages)
                 return self._generate(llm, prompt, p, ctx, extra_stops=stops)
@@ -201,11 +209,22 @@ class LlamaCppBackend(Backend):
         finally:
             self._pool.put(llm)
 
-    def _render_chat(self, messages: list[dict[str, str]]) -> tuple[str, list[str]]:
+    def _render_chat(self, messages: list[dict[str, str]],
+                     add_generation_prompt: bool = True) -> tuple[str, list[str]]:
+        """(prompt, stop strings) of a chat; without the assistant's turn opening when
+        ``add_generation_prompt`` is false. A template that refuses the messages is a 400."""
         if self._formatter is None:
-            return render_plain_chat(messages)
-        # The router checked them: each a role and a string content, as llama_cpp's message types are.
-        out = self._formatter(messages=cast("list[ChatCompletionRequestMessage]", messages))
+            prompt, stops = render_plain_chat(messages)
+            if not add_generation_prompt and prompt.endswith("assistant:"):
+                prompt = prompt[: -len("assistant:")]
+            return prompt, stops
+        formatter = self._formatter if add_generation_prompt else self._formatter_no_prompt
+        assert formatter is not None
+        try:
+            # The router checked them: each a role and a string content, as llama_cpp's message types are.
+            out = formatter(messages=cast("list[ChatCompletionRequestMessage]", messages))
+        except Exception as exc:  # noqa: BLE001 - a template's raise_exception(), or a Jinja error on odd input
+            raise InvalidRequest(f"messages: the model's chat template refused them: {exc}") from None
         stop = out.stop if isinstance(out.stop, list) else [out.stop] if out.stop else []
         return out.prompt, [s for s in stop if isinstance(s, str)]
 
@@ -224,14 +243,56 @@ class LlamaCppBackend(Backend):
         return DetokenizeResult(content=llm.detokenize(tokens, special=True).decode(errors="replace"))
 
     def _embeddings(self, p: EmbeddingsParams) -> EmbeddingsResult:
-        if self._embedder is None:
+        """The pooled, unnormalised embedding of ``p.tokens`` (else of ``p.content``, tokenized as llama.cpp's
+        server does: special tokens added and parsed). Nothing reaches llama.cpp that it would choke on: no
+        input of no tokens (an empty batch corrupts its memory), none longer than the batch, no id outside
+        the vocabulary."""
+        embedder = self._embedder
+        if embedder is None:
             raise NotSupported(f"model {self.config.name} is not loaded with embeddings "
                                "(set options.embeddings: true in mesh.yaml)")
+        if p.tokens:
+            tokens = [int(t) for t in p.tokens]
+            n_vocab = embedder.n_vocab()
+            if any(not 0 <= t < n_vocab for t in tokens):
+                raise InvalidRequest(f"input: token ids must be between 0 and {n_vocab - 1}")
+        else:
+            tokens = embedder.tokenize(p.content.encode(), add_bos=True, special=True)
+        if not tokens:
+            raise InvalidRequest("input: must not be empty (it has no tokens)")
+        if len(tokens) > embedder.n_batch:
+            raise InvalidRequest(f"input is too large to process: {len(tokens)} tokens, more than the "
+                                 f"{embedder.n_batch} of model {self.config.name}'s embedding context")
         with self._embed_lock:
-            vector: Any = self._embedder.embed(p.content)
-        if vector and isinstance(vector[0], list):  # per-token embeddings: mean-pool
-            vector = [sum(col) / len(vector) for col in zip(*vector, strict=True)]
-        return EmbeddingsResult(embedding=list(vector))
+            vector = self._embed_tokens(embedder, tokens)
+        return EmbeddingsResult(embedding=vector, prompt_tokens=len(tokens))
+
+    @staticmethod
+    def _embed_tokens(embedder: Any, tokens: list[int]) -> list[float]:
+        """One sequence through the embedding context, as ``Llama.embed`` runs its inputs (which tokenizes
+        text itself, so it cannot embed token ids): mean of the per-token outputs when the model pools
+        nothing, else llama.cpp's pooled vector."""
+        import llama_cpp
+
+        n_embd = embedder.n_embd()
+        batch, ctx = embedder._batch, embedder._ctx
+        batch.reset()
+        batch.add_sequence(tokens, 0, True)
+        ctx.kv_cache_clear()
+        try:
+            ctx.decode(batch)
+        finally:
+            batch.reset()
+        try:
+            if embedder.pooling_type() == llama_cpp.LLAMA_POOLING_TYPE_NONE:
+                import numpy as np  # llama-cpp-python's own dependency
+
+                ptr = llama_cpp.llama_get_embeddings(ctx.ctx)
+                rows = np.ctypeslib.as_array(ptr, shape=(len(tokens), n_embd))
+                return [float(x) for x in rows.mean(axis=0, dtype=np.float64)]
+            return list(llama_cpp.llama_get_embeddings_seq(ctx.ctx, 0)[:n_embd])
+        finally:
+            ctx.kv_cache_clear()
 
     def _generate(self, llm, prompt: str, p: TextParams, ctx: JobContext,
                   extra_stops: Sequence[str] = ()) -> TextResult:

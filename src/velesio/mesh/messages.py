@@ -17,10 +17,8 @@ from typing import Any, TypedDict
 from . import protocol
 
 
-class BackendStatus(TypedDict):
-    """One model's backend process, in ``backends`` (READY's capabilities and worker HEARTBEAT)."""
-
-    state: str  # "ready" | "restarting" | "failed" | ...
+class _BackendStatus(TypedDict):
+    state: str  # "ready" | "restarting" | "failed" | "loading" | "sleeping" | "draining"
     pid: int | None
     crashes: int
     restarts: int
@@ -28,6 +26,15 @@ class BackendStatus(TypedDict):
     memory_mb: int | None
     memory_limit_mb: int | None
     max_job_s: float | None
+
+
+class BackendStatus(_BackendStatus, total=False):
+    """One model's backend process, in ``backends`` (READY's capabilities and worker HEARTBEAT). 2.1 adds the
+    model's run-time settings: its memory estimate, its ``keep_alive`` and how long it has been idle."""
+
+    size_mb: int | None
+    keep_alive_s: float | None
+    idle_s: float
 
 
 class Ready(TypedDict):
@@ -111,11 +118,89 @@ class Disconnect(_Disconnect, total=False):
     message: str
 
 
+class Load(TypedDict):
+    """Router -> worker LOAD: start a backend process for a new model."""
+
+    id: str
+    model: dict[str, Any]  # a model entry, as in mesh.yaml's worker.models (docs/protocol.md)
+
+
+class Unload(TypedDict):
+    """Router -> worker UNLOAD: stop serving a model (its jobs finish first, or ``move`` them)."""
+
+    id: str
+    model: str
+    move: bool
+
+
+class _Update(TypedDict):
+    id: str
+    model: str
+
+
+class Update(_Update, total=False):
+    """Router -> worker UPDATE: change a model's ``slots`` or ``keep_alive`` (a key left out is unchanged)."""
+
+    slots: int
+    keep_alive: float | None
+
+
+class _Reply(TypedDict):
+    id: str
+    ok: bool
+
+
+class Reply(_Reply, total=False):
+    """Worker -> router REPLY to LOAD, UNLOAD or UPDATE: ``ok``, else ``code`` and ``message``."""
+
+    code: str  # protocol.REPLY_CODES
+    message: str
+    details: dict[str, Any]
+    model: dict[str, Any]  # the model's advert after the change (LOAD, UPDATE)
+    moved: int  # UNLOAD with move: the jobs handed back to their routers
+
+
 # ---- constructors ------------------------------------------------------------------------------------
 def backend_status(state: str, pid: int | None, crashes: int, restarts: int, last_crash: str | None,
                    memory_mb: int | None, memory_limit_mb: int | None, max_job_s: float | None) -> BackendStatus:
     return {"state": state, "pid": pid, "crashes": crashes, "restarts": restarts, "last_crash": last_crash,
             "memory_mb": memory_mb, "memory_limit_mb": memory_limit_mb, "max_job_s": max_job_s}
+
+
+def load(request_id: str, model: dict[str, Any]) -> Load:
+    return {"id": request_id, "model": model}
+
+
+def unload(request_id: str, model: str, move: bool = False) -> Unload:
+    return {"id": request_id, "model": model, "move": move}
+
+
+def update(request_id: str, model: str, *, slots: int | None = None, keep_alive: float | None = None,
+           set_keep_alive: bool = False) -> Update:
+    """UPDATE with ``slots`` when given, and ``keep_alive`` when ``set_keep_alive`` (None: never idle-unload)."""
+    body: Update = {"id": request_id, "model": model}
+    if slots is not None:
+        body["slots"] = slots
+    if set_keep_alive:
+        body["keep_alive"] = keep_alive
+    return body
+
+
+def reply(request_id: str, *, code: str | None = None, message: str | None = None,
+          details: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
+          moved: int | None = None) -> Reply:
+    """REPLY: ``ok`` unless a ``code`` (protocol.REPLY_CODES) says why not."""
+    body: Reply = {"id": request_id, "ok": code is None}
+    if code is not None:
+        body["code"] = code
+        body["message"] = message or code
+    if details is not None:
+        body["details"] = details
+    if model is not None:
+        body["model"] = model
+    if moved is not None:
+        body["moved"] = moved
+    return body
 
 
 def ready(worker: str, capabilities: dict[str, Any], running: dict[str, str] | None = None,

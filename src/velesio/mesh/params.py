@@ -125,11 +125,16 @@ class TemplateParams:
     """``apply_template``: the chat messages to render as the model's prompt."""
 
     messages: list[dict[str, Any]] = _list()
+    add_generation_prompt: bool = True  # end with the assistant's turn opening (llama.cpp's default)
 
 
 @dataclasses.dataclass(kw_only=True)
 class EmbeddingsParams:
+    """One input to embed: ``tokens`` (ids of the model's vocabulary) when given, else ``content`` (text,
+    tokenized with the model's special tokens added). Never empty: the router refuses an empty input."""
+
     content: str = ""
+    tokens: list[int] = _list()
 
 
 Params = TextParams | ImageParams | TokenizeParams | DetokenizeParams | TemplateParams | EmbeddingsParams
@@ -205,7 +210,11 @@ class TemplateResult:
 
 @dataclasses.dataclass(kw_only=True)
 class EmbeddingsResult:
+    """One pooled, unnormalised embedding (the router normalises it as the request asks) and the number of
+    tokens it was made from."""
+
     embedding: list[float] = _list()
+    prompt_tokens: int = 0
 
 
 Result = TextResult | ImageResult | TokenizeResult | DetokenizeResult | TemplateResult | EmbeddingsResult

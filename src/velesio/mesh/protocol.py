@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import enum
 
-VERSION = "2.0"  # 2.0: PARTIAL always carries ``chunks`` (a list); a 1.x peer is refused
+# 2.0: PARTIAL always carries ``chunks`` (a list); a 1.x peer is refused. 2.1: models loaded, unloaded and
+# resized at run time (LOAD, UNLOAD, UPDATE, REPLY; a worker announces itself again when its models change).
+VERSION = "2.1"
 MAJOR = VERSION.split(".")[0]
 
 
@@ -19,6 +21,10 @@ class Command(enum.IntEnum):
     ERROR = 7
     CANCEL = 8
     DISCONNECT = 9
+    LOAD = 10
+    UNLOAD = 11
+    UPDATE = 12
+    REPLY = 13
 
 
 # A peer silent for HEARTBEAT_MS * LIVENESS is dead: 750 ms * 3 = 2.25 s, checked four times per interval,
@@ -42,7 +48,8 @@ ERROR_CODES = ("invalid_request", "not_supported", "context_exceeded", "cancelle
 # The mesh's own codes: sent in ERROR by a worker (``busy``, ``backend_crashed``, ``backend_restarted``,
 # ``timeout``, ``model_not_found``), which the router reads as failover or crash reports, or given by the
 # router to a job no worker can take (``no_worker``).
-MESH_ERROR_CODES = ("busy", "backend_crashed", "backend_restarted", "timeout", "model_not_found", "no_worker")
+MESH_ERROR_CODES = ("busy", "backend_crashed", "backend_restarted", "timeout", "model_not_found",
+                    "insufficient_memory", "no_worker")
 
 # Reasons carried by DISCONNECT.
 REASON_UNKNOWN = "unknown"  # router does not know this worker: send READY again now
@@ -51,9 +58,25 @@ REASON_SHUTDOWN = "shutdown"  # the peer is going away
 REASON_LEAVING = "leaving"  # worker leaves after draining
 
 
+# The codes a REPLY to LOAD, UNLOAD or UPDATE may carry when it failed (docs/protocol.md "Models at run time").
+REPLY_CODES = ("invalid_request", "model_not_found", "conflict", "insufficient_memory", "load_failed")
+
+# The first minor version of major 2 that knows LOAD, UNLOAD and UPDATE: a router sends them to no older worker.
+MODELS_AT_RUN_TIME = (2, 1)
+
+
 def compatible(version: object) -> bool:
     """True when a peer's VERSION (whatever it sent) is a string with our major version."""
     return isinstance(version, str) and version.split(".")[0] == MAJOR
+
+
+def version_tuple(version: object) -> tuple[int, int]:
+    """``"2.1"`` as ``(2, 1)``; ``(0, 0)`` for anything that is not ``MAJOR.MINOR``."""
+    try:
+        major, minor = str(version).split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return 0, 0
 
 
 PARTIAL_WINDOW_MS = 50  # a worker's default window for sending a stream's pieces together (worker/partials.py)

@@ -12,7 +12,8 @@ from velesio.mesh.jobs import Job
 from velesio.mesh.limits import ParamError, check_image, image_limits
 from velesio.mesh.params import ImageParams, TemplateParams, TextParams
 
-from .errors import ApiError
+from . import aliases
+from .errors import ApiError, context_exceeded
 from .keys import CONFIG, SCHEDULER, TOKEN_NAME
 
 # No tokenizer packs more than this many characters into one token on average, so a prompt longer than
@@ -42,10 +43,29 @@ async def admit(request: web.Request, job: Job) -> Admitted:
     the job against the model: ApiError when it cannot run there."""
     tenant, priority, weight = share(request)
     scheduler = request.app[SCHEDULER]
-    job.model = await scheduler.resolve_model(job.op, job.model or None)
+    job.model = await resolve_model(request, job.op, job.model or None)
     admitted = Admitted(job, scheduler.model_info(job.model) or {}, tenant, priority, weight)
     check(admitted)
     return admitted
+
+
+async def resolve_model(request: web.Request, op: str, name: str | None) -> str:
+    """The model a request that names ``name`` (None: the default) runs ``op`` on: its alias
+    (``router.model_aliases``, router/aliases.py) resolved, then the scheduler's choice (which waits briefly
+    for workers; 404 for a name nobody offers). A model that does not serve ``op`` is the client's mistake:
+    400, with how to enable embeddings when that is what was asked."""
+    scheduler = request.app[SCHEDULER]
+    name = aliases.resolve(request.app[CONFIG].model_aliases, name, op, scheduler.live_models(),
+                           scheduler.known_models)
+    try:
+        return await scheduler.resolve_model(op, name or None)
+    except ApiError as err:
+        if err.code != "not_supported":
+            raise
+        hint = (" (a llama-cpp model serves embeddings with options.embeddings: true in mesh.yaml)"
+                if op == "embeddings" else "")
+        raise ApiError("invalid_request", err.message + hint, {"operation": op}, param="model",
+                       headers=err.headers) from None
 
 
 def share(request: web.Request) -> tuple[str, int, float]:
@@ -88,5 +108,8 @@ def check(admitted: Admitted) -> None:
         return
     chars = prompt_chars(job)
     if chars > n_ctx * MAX_CHARS_PER_TOKEN:
-        raise ApiError("context_exceeded", f"the prompt is {chars} characters, more than model '{job.model}' "
-                       f"can take in its context of {n_ctx} tokens", {"n_ctx": n_ctx}, param="prompt")
+        # n_prompt_tokens: the fewest tokens this many characters can be (already more than n_ctx)
+        raise context_exceeded(ApiError(
+            "context_exceeded", f"the prompt is {chars} characters, more than model '{job.model}' can take in "
+            f"its context of {n_ctx} tokens", {"n_ctx": n_ctx, "n_prompt_tokens": chars // MAX_CHARS_PER_TOKEN},
+            param="prompt"))

@@ -18,7 +18,7 @@ from velesio import loop as event_loop
 from velesio.logs import setup_logging
 from velesio.mesh import curve
 
-from . import dashboard_routes, dialects, metrics, middleware, status_routes
+from . import admin_routes, dashboard_routes, dialects, http_server, metrics, middleware, status_routes
 from .broker import Broker
 from .errors import ApiError
 from .keys import BROKER, CONFIG, SCHEDULER, STARTED
@@ -45,7 +45,7 @@ def init_app(cfg: mesh_config.RouterConfig) -> web.Application:
                                routing=cfg.routing, affinity_imbalance=cfg.affinity_imbalance,
                                default_models={"text": cfg.default_text_model, "image": cfg.default_image_model})
     dialects.setup(app)
-    for module in (status_routes, metrics, dashboard_routes):
+    for module in (status_routes, metrics, dashboard_routes, admin_routes):
         module.setup(app)
     app.cleanup_ctx.append(_mesh)
     return app
@@ -99,12 +99,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _serve(app: web.Application, cfg: mesh_config.RouterConfig) -> None:
-    # Header lines up to 64 KB reach the middlewares (and get a JSON 401/400) instead of the parser's plain 400.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, max_line_size=65536,
-                           max_field_size=65536)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, shutdown_timeout=5.0)
-    await site.start()
+    # Header lines up to 64 KB reach the middlewares (and get a JSON 401/400); slow heads, idle connections
+    # and the parser's own refusals are router/http_server.py's.
+    listener = await http_server.listen(runner, cfg.host, cfg.port, header_timeout=cfg.header_timeout_s,
+                                        handler_kwargs={"access_log": None, "max_line_size": 65536,
+                                                        "max_field_size": 65536,
+                                                        "keepalive_timeout": cfg.keepalive_s})
     log.info("velesio-router listening on http://%s:%s (%d token(s))", cfg.host, cfg.port, len(cfg.tokens))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -121,6 +123,7 @@ async def _serve(app: web.Application, cfg: mesh_config.RouterConfig) -> None:
         scheduler.abort_all(ApiError("shutting_down", "the router is shutting down; retry shortly",
                                      headers={"Retry-After": "5"}))
         await asyncio.sleep(0.2)  # let the streams write their final event
+    listener.close()
     await runner.cleanup()
 
 

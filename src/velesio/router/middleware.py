@@ -24,6 +24,9 @@ PUBLIC_PATHS = {"/health", "/v1/health"}
 # Paths that need a token but do not count against its rate limits.
 UNMETERED_PATHS = {"/sdapi/v1/progress"}
 
+# The operator API (router/admin_routes.py): admin tokens only (router.admin_tokens), never the users' tokens.
+ADMIN_PREFIX = "/admin"
+
 async def error_response(request: web.Request, err: ApiError) -> web.Response:
     """The error in the shape of the request's dialect (router/dialects)."""
     dialect = await dialects.dialect_of(request)
@@ -102,10 +105,29 @@ def token_name(tokens: dict[str, str], presented: str | None) -> str | None:
     return match
 
 
+async def admin_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The operator API's scope: an admin token, not rate limited; an API token is refused (403)."""
+    cfg = request.app[CONFIG]
+    if not cfg.admin_tokens:
+        raise ApiError("forbidden", "the admin API is off: give it tokens of its own with router.admin_tokens in "
+                                    "mesh.yaml or ADMIN_TOKENS in the environment")
+    presented = presented_token(request)
+    name = token_name(cfg.admin_tokens, presented)
+    if name is None:
+        if token_name(cfg.tokens, presented) is not None:
+            raise ApiError("forbidden", "an API token cannot use the admin API; it takes an admin token")
+        raise ApiError("unauthorized", "invalid or missing admin token",
+                       headers={"WWW-Authenticate": 'Bearer realm="velesio-admin"'})
+    request[TOKEN_NAME] = name
+    return await handler(request)
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.method == "OPTIONS" or request.path in PUBLIC_PATHS:
         return await handler(request)
+    if request.path == ADMIN_PREFIX or request.path.startswith(ADMIN_PREFIX + "/"):
+        return await admin_auth(request, handler)
     tokens = request.app[CONFIG].tokens
     if tokens:
         name = token_name(tokens, presented_token(request))

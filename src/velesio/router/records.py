@@ -48,9 +48,17 @@ class WorkerState:
             self.backends = {str(k): v for k, v in backends.items() if isinstance(v, dict)}
 
     def available(self, model: str) -> bool:
-        """False while the model's backend process restarts after a crash."""
+        """False while the model's backend process restarts after a crash, loads, or drains before an unload. A
+        model asleep (idle past its keep_alive) takes jobs: the worker loads it again for them."""
         state = self.backends.get(model, {}).get("state", "ready")
-        return state == "ready"
+        return state in ("ready", "sleeping")
+
+    def asleep(self, model: str) -> bool:
+        return self.backends.get(model, {}).get("state") == "sleeping"
+
+    def state(self, model: str) -> str:
+        """Its backend process's state: ready, restarting, sleeping, draining, ... (docs/protocol.md)."""
+        return str(self.backends.get(model, {}).get("state", "ready"))
 
     def start_job(self, key: tuple[str, int], model: str, slots: int = 1) -> None:
         if key not in self.running:
@@ -111,8 +119,10 @@ class WorkerState:
             "memory_total_mb": self.caps.get("memory_total_mb"),
             "memory_free_mb": self.caps.get("memory_free_mb"),
             "models": [{"name": n, "slots": m["slots"], "free": self.free(n), "kind": m.get("kind"),
+                        "state": self.state(n),
                         **({"backend_process": self.backends[n]} if n in self.backends else {})}
                        for n, m in sorted(self.models.items())],
+            "loading": sorted(n for n, b in self.backends.items() if b.get("state") == "loading"),
             "failures": self.caps.get("failures") or [],
             "heartbeat_age_s": round(self.clock() - self.last_seen, 3),
         }

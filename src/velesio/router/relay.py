@@ -1,7 +1,12 @@
 """Runs one admitted job (router/admission.py) for an HTTP handler: submit, then answer whole or as SSE.
 
 A stream writes exactly one SSE event per ``write()`` (one HTTP chunk each), with no comments or
-keep-alive lines, because LLM for Unity v3 parses every network chunk as one JSON object."""
+keep-alive lines, because LLM for Unity v3 parses every network chunk as one JSON object.
+
+A stream's response starts with the job's first event (its first piece, or its end): an error known before
+generation starts (a prompt longer than the context, a grammar that does not compile, ...) is answered
+with its HTTP status and error body, as llama.cpp does, not with 200 and an error event. The first piece is
+written as soon as it arrives, so time to first token is unchanged; only the headers wait for it."""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from aiohttp import web
 from velesio.mesh.params import Result, result_from_wire
 
 from .admission import Admitted
-from .errors import ApiError
+from .errors import ApiError, context_exceeded
 from .keys import RATE_HEADERS, SCHEDULER
 from .scheduler import JobRecord
 
@@ -77,9 +82,16 @@ def _result(rec: JobRecord, payload: dict[str, Any]) -> Result:
     return result_from_wire(rec.job.op, payload)
 
 
+def _job_error(admitted: Admitted, err: ApiError) -> ApiError:
+    """A job's error as the client gets it: with the job id the logs name it by, and a context error with
+    the counts llama.cpp reports."""
+    err.headers.setdefault("X-Request-Id", admitted.job.id)
+    n_ctx = admitted.meta.get("n_ctx")
+    return context_exceeded(err, n_ctx if isinstance(n_ctx, int) else None)
+
+
 async def result_of(request: web.Request, admitted: Admitted) -> Result:
     """Run an admitted job to its end and return its result (raises ApiError on a job error)."""
-    job = admitted.job
     rec = _submit(request, admitted)
     try:
         while True:
@@ -87,8 +99,7 @@ async def result_of(request: web.Request, admitted: Admitted) -> Result:
             if kind == "final":
                 return _result(rec, payload)
             if kind == "error":
-                payload.headers.setdefault("X-Request-Id", job.id)  # the id the logs name the job by
-                raise payload
+                raise _job_error(admitted, payload)
     finally:
         if not rec.done:  # the client went away (handler cancelled)
             request.app[SCHEDULER].cancel(rec)
@@ -101,25 +112,28 @@ async def respond(request: web.Request, admitted: Admitted, renderer: Renderer) 
         return json_response(renderer.render(result), headers={"X-Request-Id": job.id})
     scheduler = request.app[SCHEDULER]
     rec = _submit(request, admitted)
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no", "X-Request-Id": job.id,
-                                           **request.get(RATE_HEADERS, {})})
     try:
+        kind, payload = await rec.events.get()  # the first piece, or the end: an error is still an HTTP status
+        if kind == "error":
+            raise _job_error(admitted, payload)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               "X-Accel-Buffering": "no", "X-Request-Id": job.id,
+                                               **request.get(RATE_HEADERS, {})})
         await response.prepare(request)
         for event in renderer.start():
             await response.write(sse(event))
         while True:
-            kind, payload = await rec.events.get()
             if kind == "partial":
                 events = renderer.chunk(payload)
             elif kind == "final":
                 events = renderer.end(_result(rec, payload))
             else:
-                events = renderer.error(payload)
+                events = renderer.error(_job_error(admitted, payload))
             for event in events:
                 await response.write(sse(event))
             if kind != "partial":
                 break
+            kind, payload = await rec.events.get()
         if renderer.done_marker:
             await response.write(b"data: [DONE]\n\n")
         await response.write_eof()

@@ -78,6 +78,8 @@ class Scheduler:
         self._defaults: dict[str, str | None] = {}  # op -> the model it runs on when a request names none
         self.accepting = True
         self.observer: Any = None  # router/metrics.py: observe(event, rec, **data)
+        # REPLY id -> (worker identity, the future its LOAD, UNLOAD or UPDATE waits on) (router/admin_routes.py)
+        self.replies: dict[str, tuple[bytes, asyncio.Future]] = {}
 
     def _observe(self, event: str, rec: JobRecord, **data: Any) -> None:
         if self.observer is not None:
@@ -213,8 +215,10 @@ class Scheduler:
         return 1.0 - w.free(model) / max(1, int(w.models[model]["slots"]))
 
     def _least_loaded(self, model: str, candidates: list[WorkerState]) -> WorkerState:
-        # Least loaded first (most free slots relative to size), then least recently used.
-        return min(candidates, key=lambda w: (self._load(w, model), len(w.running), w.last_dispatch))
+        # A worker that has the model loaded before one where it sleeps (keep_alive), then least loaded first
+        # (most free slots relative to size), then least recently used.
+        return min(candidates, key=lambda w: (w.asleep(model), self._load(w, model), len(w.running),
+                                              w.last_dispatch))
 
     def _cached_on(self, model: str, rec: JobRecord, candidates: list[WorkerState]) -> tuple[WorkerState | None, bool]:
         """(a free worker that holds the longest cached prefix of the job's prompt of all workers, if it is not
@@ -296,6 +300,10 @@ class Scheduler:
                                                 headers={"Retry-After": "1"}))
             return
         job.attempt += 1  # a new attempt number: anything late from the refusing worker is dropped
+        if not self._offered(job.model, job.op):  # its model was unloaded meanwhile, from every worker
+            self._finish(rec, "error", ApiError("no_worker", f"no live worker offers model '{job.model}' any more",
+                                                headers={"Retry-After": "5"}))
+            return
         log.info("job %s: worker %s had no room; queued again as attempt %d", job.id, worker.name, job.attempt)
         self.queues[job.model].appendleft(rec)
         self._drain(job.model)
@@ -374,8 +382,38 @@ class Scheduler:
             self._process_job_message(worker, command, body)
         elif command == Command.DISCONNECT:
             self._remove_worker(worker, "it left")
+        elif command == Command.REPLY:
+            entry = self.replies.pop(str(body.get("id")), None)
+            if entry is not None and not entry[1].done():
+                entry[1].set_result(body)
         else:
             log.warning("worker %s sent unexpected %s", worker.name, command.name)
+
+    # ---- models at run time (router/admin_routes.py) -------------------------------------------
+    def command_worker(self, worker: WorkerState, command: Command, body: dict[str, Any]) -> asyncio.Future:
+        """Send LOAD, UNLOAD or UPDATE (``body["id"]`` unique); the future gets the worker's REPLY body, or a
+        REPLY made here when the worker goes away first."""
+        future = asyncio.get_running_loop().create_future()
+        self.replies[str(body["id"])] = (worker.identity, future)
+        self.send(worker.identity, codec.encode(command, body))
+        return future
+
+    def _models_gone(self, worker: WorkerState, gone: set[str]) -> None:
+        """A worker announced itself again without these models (unloaded at run time). A model no live worker
+        offers any more is unknown from now on (404), and the jobs waiting for it end (503)."""
+        for model in gone:
+            log.info("worker %s no longer serves %s", worker.name, model)
+            if any(model in w.models for w in self.workers.values()):
+                continue
+            self.known_models.discard(model)
+            queue = self.queues.get(model)
+            if queue is None:
+                continue
+            for rec in list(queue):
+                assert isinstance(rec, JobRecord)
+                queue.remove(rec)
+                self._finish(rec, "error", ApiError("no_worker", f"model '{model}' was unloaded and no live worker "
+                                                                 "offers it", headers={"Retry-After": "5"}))
 
     def _process_ready(self, identity: bytes, body: dict[str, Any]) -> None:
         version = body.get("version")
@@ -387,21 +425,29 @@ class Scheduler:
                 protocol.REASON_VERSION, f"router speaks mesh protocol {protocol.VERSION}, worker sent {version}")))
             return
         worker = self.workers.get(identity)
+        gone: set[str] = set()
         if worker is None:
             worker = WorkerState(identity, body, self.clock)
             self.workers[identity] = worker
             log.info("worker %s joined: %s", worker.name, ", ".join(sorted(worker.models)) or "no models")
-        else:
+        else:  # announced again: its models changed (docs/protocol.md "Models at run time")
+            before = set(worker.models)
             worker.update(body.get("capabilities") or {})
+            gone = before - set(worker.models)
+            added = set(worker.models) - before
+            if added:
+                log.info("worker %s now serves %s", worker.name, ", ".join(sorted(added)))
         # Jobs the worker still runs from before (a router restart) occupy its slots until they end.
+        ours = {job_id for job_id, _attempt in worker.running}
         for job_id, model in (body.get("running") or {}).items():
-            if isinstance(model, str) and model in worker.models:
+            if isinstance(model, str) and model in worker.models and job_id not in ours:
                 worker.start_job((job_id, 0), model)
         self.known_models.update(worker.models)
         self._defaults.clear()
         self.send(identity, codec.encode(Command.WELCOME, messages.welcome(self.router_name, self.heartbeat_ms,
                                                                             self.liveness)))
         self.mesh_changed.set()
+        self._models_gone(worker, gone)
         for model in worker.models:
             self._drain(model)
 
@@ -514,6 +560,12 @@ class Scheduler:
             if rec is not None and rec.worker is worker:
                 self._fail_over(rec, f"worker {worker.name} {why}")
         worker.clear_jobs()
+        for request_id, (identity, future) in list(self.replies.items()):
+            if identity == worker.identity:
+                del self.replies[request_id]
+                if not future.done():
+                    future.set_result(messages.reply(request_id, code="no_worker",
+                                                     message=f"worker {worker.name} {why} before it answered"))
 
     # ---- timers ------------------------------------------------------------------------------
     def tick(self) -> None:

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from velesio import __version__
 
+from .dialects.seed import openai
 from .keys import SCHEDULER
 
 
@@ -20,7 +21,7 @@ async def health(request: web.Request) -> web.Response:
     workers = list(scheduler.workers.values())
     kinds = {kind for w in workers for kind in w.kinds}
     failures = [{"worker": w.name, **f} for w in workers for f in w.caps.get("failures") or []]
-    restarting = [{"worker": w.name, "model": m} for w in workers for m in w.models if not w.available(m)]
+    restarting = [{"worker": w.name, "model": m} for w in workers for m in w.models if w.state(m) == "restarting"]
     text_ready = "ready" if "text" in kinds else "unavailable"
     image_ready = "ready" if "image" in kinds else "unavailable"
     body = {
@@ -50,7 +51,8 @@ async def models(request: web.Request) -> web.Response:
         else:
             text.append({**entry, "size": meta.get("size", ""), "type": meta.get("type", "chat"),
                          "context_length": meta.get("n_ctx")})
-    return web.json_response({"text_models": text, "image_models": image})
+    # The reference's two lists, and OpenAI's (and llama.cpp's) {"object": "list", "data"} for their clients.
+    return web.json_response({"text_models": text, "image_models": image, **openai.models_list(live)})
 
 
 async def queue_status(request: web.Request) -> web.Response:

@@ -1,21 +1,74 @@
-"""Typed, range-checked reads of JSON request fields. Every failure is a 400 that names the field."""
+"""Typed, range-checked reads of JSON request fields. Every failure is a 400 that names the field.
+
+Every body is read here (``read_body``): within ``router.body_timeout_s``, so that a client that announces a
+body and never sends it cannot hold a connection, and with a body that does not match its Content-Encoding
+answered 400. Every integer of a JSON body is checked here once (``read_json``): one beyond what the mesh's
+msgpack frames carry (below -2^63 or above 2^64 - 1) is a 400 naming where it is, whatever the field."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import re
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from .errors import ApiError, invalid
+from .keys import CONFIG
 
 _MISSING = object()
+
+# What msgpack (the mesh's frames) can carry; every integer a job may hold fits here.
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1
+# A field that names no bound of its own is held to a signed 64-bit integer.
+INT64_MAX = 2**63 - 1
+_LONG_NUMBER = re.compile(rb"[0-9]{19}")  # an integer of 19 digits or more may not fit in 64 bits
+
+
+# Set on a request whose body could not be read: nothing reads it again (an error's dialect is then the route's).
+BODY_FAILED = web.RequestKey("body_failed", bool)
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request body, decoded per its Content-Encoding; 408 when it does not arrive within
+    ``router.body_timeout_s``, 400 when it does not match its Content-Encoding (or its framing)."""
+    timeout = request.app[CONFIG].body_timeout_s if CONFIG in request.app else None
+    if request.get(BODY_FAILED):
+        raise ApiError("invalid_request", "the request body cannot be read")
+    try:
+        return await asyncio.wait_for(request.read(), timeout if timeout and timeout > 0 else None)
+    except asyncio.TimeoutError:
+        request[BODY_FAILED] = True
+        raise ApiError("request_timeout", f"the request body did not arrive within {timeout:g} s") from None
+    except (RequestPayloadError, HttpProcessingError) as exc:
+        request[BODY_FAILED] = True
+        reason = re.sub(r"^\s*\d{3}, message:\s*", "", str(getattr(exc, "message", None) or exc))
+        encoding = request.headers.get("Content-Encoding")
+        what = f"does not match its Content-Encoding ({encoding})" if encoding else "cannot be read"
+        raise ApiError("invalid_request", f"the request body {what}: {' '.join(reason.split())[:200]}") from None
+
+
+def check_integers(value: Any, where: str = "") -> None:
+    """400 naming the first integer in ``value`` (a parsed JSON body) that the mesh cannot carry."""
+    todo: list[tuple[str, Any]] = [(where, value)]
+    while todo:
+        path, item = todo.pop()
+        if isinstance(item, int) and not isinstance(item, bool):
+            if not INT_MIN <= item <= INT_MAX:
+                raise invalid(path or "body", "integer out of range (at most 64 bits)")
+        elif isinstance(item, dict):
+            todo.extend((f"{path}.{k}" if path else str(k), v) for k, v in item.items())
+        elif isinstance(item, list):
+            todo.extend((f"{path}[{i}]", v) for i, v in enumerate(item))
 
 
 async def read_json(request: web.Request, *, allow_empty: bool = False) -> dict[str, Any]:
     """The request body as a JSON object. An empty body is ``{}`` when allowed."""
-    raw = await request.read()
+    raw = await read_body(request)
     if not raw.strip():
         if allow_empty:
             return {}
@@ -33,11 +86,15 @@ async def read_json(request: web.Request, *, allow_empty: bool = False) -> dict[
             json.dumps(body, ensure_ascii=False).encode()
         except UnicodeEncodeError:
             raise ApiError("invalid_request", "request body has an invalid unicode escape (lone surrogate)") from None
+    if _LONG_NUMBER.search(raw):  # only then can an integer be out of range: skip the walk otherwise
+        check_integers(body)
     return body
 
 
 def get_int(body: dict, name: str, default: Any = _MISSING, *, lo: int | None = None,
             hi: int | None = None) -> Any:
+    """An integer field (a float with no fraction is accepted); bounded by ``lo``/``hi``, and by a signed
+    64-bit integer where they leave a side open."""
     value = body.get(name, _MISSING)
     if value is _MISSING or value is None:
         if default is _MISSING:
@@ -49,10 +106,12 @@ def get_int(body: dict, name: str, default: Any = _MISSING, *, lo: int | None = 
         if not math.isfinite(value) or value != int(value):
             raise invalid(name, "must be an integer")
         value = int(value)
-    if lo is not None and value < lo:
-        raise invalid(name, f"must be >= {lo}")
-    if hi is not None and value > hi:
-        raise invalid(name, f"must be <= {hi}")
+    low = -(2**63) if lo is None else lo
+    high = INT64_MAX if hi is None else hi
+    if value < low:
+        raise invalid(name, f"must be >= {low}")
+    if value > high:
+        raise invalid(name, f"must be <= {high}")
     return value
 
 
@@ -63,8 +122,14 @@ def get_float(body: dict, name: str, default: Any = _MISSING, *, lo: float | Non
         if default is _MISSING:
             raise invalid(name, "is required")
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise invalid(name, "must be a number")
+    try:
+        value = float(value)  # an integer literal of 400 digits does not fit: OverflowError
+    except OverflowError:
+        raise invalid(name, "is too large") from None
+    if not math.isfinite(value):
+        raise invalid(name, "must be a finite number")
     if lo is not None and value < lo:
         raise invalid(name, f"must be between {lo} and {hi}" if hi is not None else f"must be >= {lo}")
     if hi is not None and value > hi:
@@ -139,3 +204,61 @@ def get_messages(body: dict, name: str = "messages") -> list[dict[str, str]]:
 
 def get_model(body: dict) -> str | None:
     return get_str(body, "model", None) or None
+
+
+# ---- grammars and JSON schemas ----------------------------------------------------------------
+# llama.cpp parses a grammar by recursive descent: nesting in the tens of thousands overflows its stack and
+# kills the backend process (SIGSEGV), and a JSON schema's "maxLength" or a "pattern" quantifier compiles to
+# that much nesting. Beyond llama.cpp's own repetition threshold (2000) it refuses them anyway; refuse here
+# from a depth it still parses, so that nothing deeper reaches it.
+MAX_GRAMMAR_DEPTH = 1000
+_GBNF_TOKENS = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\n]*|[()]')
+_REGEX_BOUNDS = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+def _depth(text: str, tokens: re.Pattern[str]) -> int:
+    depth = deepest = 0
+    for match in tokens.finditer(text):
+        token = match.group()
+        if token == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token == ")":
+            depth = max(0, depth - 1)
+    return deepest
+
+
+def check_grammar(text: str, field: str = "grammar") -> str:
+    """A GBNF grammar nested no deeper than llama.cpp's parser can take; 400 naming ``field`` otherwise."""
+    deepest = _depth(text, _GBNF_TOKENS)
+    if deepest > MAX_GRAMMAR_DEPTH:
+        raise invalid(field, f"is nested {deepest} levels deep; at most {MAX_GRAMMAR_DEPTH}")
+    return text
+
+
+_REGEX_TOKENS = re.compile(r"\\.|\[(?:\\.|[^\]\\])*\]|[()]")
+
+
+def check_json_schema(schema: Any, field: str = "json_schema") -> Any:
+    """A JSON schema whose grammar llama.cpp can parse: no ``maxLength`` and no ``pattern`` repetition bound
+    beyond ``MAX_GRAMMAR_DEPTH`` (each compiles to that much nesting), no ``pattern`` nested deeper."""
+    todo: list[tuple[str, Any]] = [(field, schema)]
+    while todo:
+        path, item = todo.pop()
+        if isinstance(item, list):
+            todo.extend((f"{path}[{i}]", v) for i, v in enumerate(item))
+            continue
+        if not isinstance(item, dict):
+            continue
+        for key, value in item.items():
+            where = f"{path}.{key}"
+            if key == "maxLength" and isinstance(value, int) and value > MAX_GRAMMAR_DEPTH:
+                raise invalid(where, f"at most {MAX_GRAMMAR_DEPTH} (a longer bound compiles to a grammar llama.cpp "
+                                     "cannot parse)")
+            if key == "pattern" and isinstance(value, str):
+                bounds = [int(n) for m in _REGEX_BOUNDS.finditer(value) for n in m.groups() if n]
+                if (bounds and max(bounds) > MAX_GRAMMAR_DEPTH) or _depth(value, _REGEX_TOKENS) > MAX_GRAMMAR_DEPTH:
+                    raise invalid(where, f"repetition bounds and nesting at most {MAX_GRAMMAR_DEPTH}")
+            if isinstance(value, (dict, list)):
+                todo.append((where, value))
+    return schema

@@ -15,7 +15,7 @@ from velesio.mesh import curve
 from velesio.plugins.discovery import describe, discover
 
 from . import cpu
-from .models import start_models
+from .models import discover_backends, start_models
 from .runtime import Worker
 
 log = logging.getLogger("velesio.worker")
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                     registry.folder, exc)
     worker = Worker(name=args.name or cfg.name, heartbeat_ms=cfg.heartbeat_ms, liveness=cfg.liveness,
                     drain_s=cfg.drain_s, partial_window_ms=cfg.partial_window_ms, curve=link_security,
-                    registry=registry)
+                    registry=registry, memory_budget_mb=cfg.memory_budget_mb, cancel_grace_s=cfg.cancel_grace_s,
+                    log_level=args.log_level, log_json=args.log_json)
     try:
         return event_loop.run(_serve(worker, cfg, routers, args))
     finally:
@@ -75,14 +76,16 @@ async def _serve(worker: Worker, cfg: mesh_config.WorkerConfig, routers: list[st
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    backends, failures = discover_backends()
     try:
-        models, failures = await start_models(cfg.models, worker, cancel_grace_s=cfg.cancel_grace_s,
-                                              log_level=args.log_level, log_json=args.log_json,
-                                              threads=worker.threads)
+        models, more = await start_models(cfg.models, worker, cancel_grace_s=cfg.cancel_grace_s,
+                                          log_level=args.log_level, log_json=args.log_json, threads=worker.threads,
+                                          budget_mb=cfg.memory_budget_mb, backends=backends)
     except ValueError as exc:
         print(f"velesio-worker: {exc}", file=sys.stderr)
         return 2
-    worker.serve_models(models, failures)
+    failures += more
+    worker.serve_models(models, failures, backends)
     served = ", ".join(f"{m.config.name} ({m.config.backend}, {m.config.slots} slot(s))" for m in models)
     print(f"velesio-worker {worker.name}: serving {served or 'nothing'}"
           f"{f'; {len(failures)} failure(s), see log' if failures else ''}; routers {', '.join(routers)}",

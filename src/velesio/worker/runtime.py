@@ -16,6 +16,7 @@ from typing import Any
 import zmq
 
 import velesio
+from velesio.backends import Backend
 from velesio.mesh import codec, messages, protocol
 from velesio.mesh.codec import COPY_THRESHOLD
 from velesio.mesh.jobs import Job
@@ -23,6 +24,7 @@ from velesio.mesh.protocol import Command
 from velesio.mesh.reader import SocketReader
 
 from . import cpu
+from .admin import ModelAdmin
 from .models import LoadedModel, device_info
 from .supervisor import BackendProcess, RunningJob
 
@@ -31,6 +33,7 @@ log = logging.getLogger("velesio.worker")
 _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 WATCH_EVERY_S = 0.1  # the backend processes' watchdog period
 RESHARE_EVERY_S = 2.0  # how often the worker looks for workers that joined or left its host
+UNLOADED_S = 10.0  # how long a REQUEST for a model just unloaded is answered busy rather than model_not_found
 
 
 class Worker:
@@ -40,9 +43,17 @@ class Worker:
     def __init__(self, *, name: str | None = None, heartbeat_ms: int = protocol.HEARTBEAT_MS,
                  liveness: int = protocol.LIVENESS, drain_s: float = 30.0,
                  partial_window_ms: float = protocol.PARTIAL_WINDOW_MS, curve: Any = None,
-                 registry: cpu.HostRegistry | None = None):
+                 registry: cpu.HostRegistry | None = None, memory_budget_mb: int | None = None,
+                 cancel_grace_s: float = 10.0, log_level: str = "INFO", log_json: bool = False):
         self.models: dict[str, LoadedModel] = {}
+        self.loading: dict[str, LoadedModel] = {}  # models an operator's LOAD is starting (worker/admin.py)
         self.failures: list[dict[str, str]] = []
+        self.backend_classes: dict[str, type[Backend]] = {}  # the installed backends: what a LOAD may start
+        self.memory_budget_mb = memory_budget_mb
+        self.cancel_grace_s = cancel_grace_s
+        self.log_level, self.log_json = log_level, log_json
+        self.admin = ModelAdmin(self)
+        self.unloaded: dict[str, float] = {}  # model -> when an UNLOAD removed it (a REQUEST racing it is busy)
         self.name = name or socket.gethostname()
         self.heartbeat_ms = heartbeat_ms
         self.liveness = liveness
@@ -61,9 +72,17 @@ class Worker:
     def __repr__(self) -> str:
         return f"<Worker {self.name} models={list(self.models)} running={len(self.running)} done={self.jobs_done}>"
 
-    def serve_models(self, models: list[LoadedModel], failures: list[dict[str, str]]) -> None:
+    def serve_models(self, models: list[LoadedModel], failures: list[dict[str, str]],
+                     backends: dict[str, type[Backend]] | None = None) -> None:
         self.models = {m.config.name: m for m in models}
         self.failures = failures
+        self.backend_classes = dict(backends or {})
+
+    def processes(self) -> list[BackendProcess]:
+        """Every backend process this worker holds: its models', those still finishing their jobs after a
+        slot change, and those loading."""
+        return [*(m.process for m in self.models.values()), *(p for m in self.models.values() for p in m.retired),
+                *(m.process for m in self.loading.values()), *self.admin.starting]
 
     def cpu_share(self) -> int:
         """The CPU threads this worker's backends may use: its share of the cores it may run on."""
@@ -76,8 +95,8 @@ class Worker:
         if threads != self.threads:
             log.info("CPU threads per backend: %d -> %d (workers on this host changed)", self.threads, threads)
             self.threads = threads
-            for model in self.models.values():
-                model.process.set_threads(threads)
+            for process in self.processes():
+                process.set_threads(threads)
 
     def refresh_memory(self) -> None:
         self.device.update({k: v for k, v in device_info().items() if k.startswith("memory")})
@@ -86,14 +105,28 @@ class Worker:
         self.refresh_memory()
         return {"host": socket.gethostname(), "pid": os.getpid(), **self.device,
                 "models": [m.advert() for m in self.models.values()], "failures": self.failures,
-                "backends": self.backends()}
+                "backends": self.backends(), "memory_budget_mb": self.memory_budget_mb}
 
     def load(self) -> dict[str, int]:
         return {name: m.free for name, m in self.models.items()}
 
     def backends(self) -> dict[str, messages.BackendStatus]:
-        """Each model's backend process: state, crashes and restarts (heartbeats, the router's /health)."""
-        return {name: m.process.status() for name, m in self.models.items()}
+        """Each model's backend process: state, crashes and restarts (heartbeats, the router's /health), and
+        the models being loaded."""
+        now = time.monotonic()
+        return {name: m.status(now) for name, m in (*self.loading.items(), *self.models.items())}
+
+    def beat(self) -> None:
+        """A model's state changed: tell every router now, not at the next beat."""
+        for link in self.links:
+            if link.welcomed:
+                link.heartbeat()
+
+    def announce(self) -> None:
+        """The models served changed: every router replaces its list of this worker's models (a new READY)."""
+        for link in self.links:
+            if link.welcomed:
+                link.announce()
 
     async def serve(self, routers: list[str], stop: asyncio.Event) -> None:
         self.links = [RouterLink(self, address, i) for i, address in enumerate(routers)]
@@ -108,14 +141,16 @@ class Worker:
         while self.running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for rj in list(self.running.values()):
-            self.models[rj.model].process.cancel(rj)
+            self.stop_job(rj)
         for link in self.links:
             link.send(Command.DISCONNECT, messages.disconnect(protocol.REASON_LEAVING))
         await asyncio.sleep(0.1)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(m.process.stop() for m in self.models.values()), return_exceptions=True)
+        starting = list(self.admin.starting)  # a change cut short leaves its new process to stop here
+        await self.admin.close()
+        await asyncio.gather(*(p.stop() for p in {*self.processes(), *starting}), return_exceptions=True)
         for link in self.links:
             link.close()
         self.ctx.term()
@@ -128,6 +163,14 @@ class Worker:
             now = time.monotonic()
             for model in self.models.values():
                 model.process.watch(now)
+                for old in list(model.retired):  # replaced by a process with more slots
+                    old.watch(now)
+                    if not old.jobs:
+                        model.retired.remove(old)
+                        self.admin.spawn(old.stop())
+                for rj, _wire in model.pending:  # waiting for the model to load: not stuck
+                    rj.progress_n += 1
+            self.admin.idle_check(now)
             if now >= next_share:
                 next_share = now + RESHARE_EVERY_S
                 self.reshare_threads()
@@ -152,6 +195,10 @@ class Worker:
                     f"worker {self.name} (velesio {velesio.__version__}) cannot run this job: {why}"))
             return
         model = self.models.get(job.model)
+        if model is None and time.monotonic() - self.unloaded.get(job.model, -UNLOADED_S) < UNLOADED_S:
+            # Sent before its router heard of the unload: busy, and the router places it anew.
+            link.send(Command.ERROR, messages.error(job.id, job.attempt, "busy", f"model {job.model} was unloaded"))
+            return
         if model is None or job.op not in model.operations:
             link.send(Command.ERROR, messages.error(job.id, job.attempt, "model_not_found",
                                                     f"this worker does not serve {job.op} on '{job.model}'"))
@@ -163,15 +210,52 @@ class Worker:
         process = model.process
         rj = process.new_job(job.id, job.attempt, link, slots)
         model.busy += slots
+        model.last_used = time.monotonic()
         self.running[(job.id, job.attempt)] = rj
         log.debug("job %s attempt %d: %s on %s", job.id, job.attempt, job.op, job.model)
+        if model.phase in ("sleeping", "waking"):  # idle past its keep_alive: the job waits while it loads
+            model.pending.append((rj, body))
+            if model.phase == "sleeping":
+                self.admin.spawn(self.admin.wake(model))
+            return
         process.run(rj, body, self.partial_window_s)
+
+    def stop_job(self, rj: RunningJob, keep: bool = False) -> None:
+        """Stop a job: cancel it in its backend process, or end it now if it still waits for one."""
+        if rj.process is not None:
+            rj.process.cancel(rj, keep=keep)
+        else:
+            self.end_waiting(rj, "cancelled", "cancelled")
+
+    def end_waiting(self, rj: RunningJob, code: str, message: str) -> None:
+        """End a job that waits for its model to load (worker/admin.py ``wake``) with an ERROR."""
+        model = self.models.get(rj.model)
+        if model is not None:
+            model.pending = [(r, wire) for r, wire in model.pending if r is not rj]
+        self._job_ended(rj)
+        if rj.link is not None:
+            rj.link.send(Command.ERROR, messages.error(rj.job_id, rj.attempt, code, message))
+
+    def hand_back(self, rj: RunningJob, why: str) -> None:
+        """Give a job back to its router to run elsewhere (ERROR ``backend_restarted``: moved without blame)
+        and stop it here; nothing more of it reaches the router."""
+        link, rj.link = rj.link, None
+        if rj.process is None:
+            self.end_waiting(rj, "backend_restarted", why)
+        else:
+            self._job_ended(rj)
+            rj.process.cancel(rj)
+        if link is not None:
+            link.send(Command.ERROR, messages.error(rj.job_id, rj.attempt, "backend_restarted", why))
 
     def _job_ended(self, rj: RunningJob) -> None:
         """Free the job's slots before its router hears of the end: it may send the next job at once. Other
         routers hear of the free slots at once too (several routers share this worker)."""
         if self.running.pop((rj.job_id, rj.attempt), None) is not None:
-            self.models[rj.model].busy -= rj.slots
+            model = self.models.get(rj.model)
+            if model is not None:
+                model.busy -= rj.slots
+                model.last_used = time.monotonic()
             self.jobs_done += 1
             for link in self.links:
                 if link is not rj.link and link.welcomed:
@@ -200,15 +284,13 @@ class Worker:
 
     def backend_state(self, process: BackendProcess) -> None:
         """A backend process went down or came back: tell every router now, not at the next beat."""
-        for link in self.links:
-            if link.welcomed:
-                link.heartbeat()
+        self.beat()
 
     def cancel_job(self, link: RouterLink, body: dict[str, Any]) -> None:
         attempt = body.get("attempt")
         rj = self.running.get((str(body.get("job")), attempt if isinstance(attempt, int) else -1))
         if rj is not None:
-            self.models[rj.model].process.cancel(rj, keep=bool(body.get("keep")))
+            self.stop_job(rj, keep=bool(body.get("keep")))
         elif isinstance(attempt, int):
             # A job this worker does not run (its REQUEST was lost, or it has just ended): say it is over,
             # so that a router still counting its slot as taken frees it. A router that saw the end drops this.
@@ -305,12 +387,17 @@ class RouterLink:
             log.warning("router %s %s: stopping its %d job(s)", self.address, why, len(jobs))
         for rj in jobs:
             rj.link = None
-            self.worker.models[rj.model].process.cancel(rj)
+            self.worker.stop_job(rj)
 
     def greet(self) -> None:
         self.seen_seq = 0  # a router that registers us anew numbers its REQUESTs from 1
         running = {rj.job_id: rj.model for rj in self._jobs()}
         self.send(Command.READY, messages.ready(self.worker.name, self.worker.capabilities(), running))
+
+    def announce(self) -> None:
+        """READY again to a router that knows us: the models changed. ``running`` is empty: this router counts
+        those jobs already (docs/protocol.md "Models at run time")."""
+        self.send(Command.READY, messages.ready(self.worker.name, self.worker.capabilities(), {}))
 
     def heartbeat(self) -> None:
         progress = {rj.job_id: rj.progress_n for rj in self._jobs()}
@@ -375,6 +462,8 @@ class RouterLink:
             self.worker.start_job(self, body)
         elif command == Command.CANCEL:
             self.worker.cancel_job(self, body)
+        elif command in (Command.LOAD, Command.UNLOAD, Command.UPDATE):
+            self.worker.admin.handle(self, command, body)
         elif command == Command.DISCONNECT:
             reason = body.get("reason")
             if reason == protocol.REASON_UNKNOWN:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import os
 import signal
@@ -35,6 +36,8 @@ RESTART_MAX_S = 30.0
 STABLE_S = 60.0  # a backend process that served this long before crashing restarts after RESTART_MIN_S again
 STOP_TIMEOUT_S = 5.0  # a backend process told to stop is killed after this long
 MEMORY_SHARE = 0.75  # the default memory ceiling of a backend process: this share of the host's memory
+
+_job_keys = itertools.count(1)  # the key of each job a worker hands to one of its backend processes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +114,7 @@ class RunningJob:
     """The worker's record of one job attempt it runs."""
 
     __slots__ = ("key", "job_id", "attempt", "model", "link", "started", "progress_n", "cancel_at",
-                 "timed_out", "slots")
+                 "timed_out", "slots", "process")
 
     def __init__(self, key: int, job_id: str, attempt: int, model: str, link: Any, slots: int = 1):
         self.key, self.job_id, self.attempt, self.model, self.link = key, job_id, attempt, model, link
@@ -120,6 +123,7 @@ class RunningJob:
         self.cancel_at: float | None = None
         self.timed_out = False
         self.slots = slots  # an exclusive job holds every slot of its model
+        self.process: BackendProcess | None = None  # the process running it; None while it waits for one
 
 
 class Events(Protocol):
@@ -179,13 +183,13 @@ class BackendProcess:
         self.restarts = 0
         self.last_crash: str | None = None
         self.rss_mb: float | None = None
-        self._next_key = 0
         self._proc: subprocess.Popen | None = None
         self._transport: asyncio.Transport | None = None
         self._loaded: asyncio.Future | None = None
         self._ready_since = 0.0
         self._quick_crashes = 0
         self._kill: _Kill | None = None  # set when the watchdog kills the process, read when it has ended
+        self.retiring = False  # replaced by a new process (more slots): it finishes its jobs, never restarts
         self._tasks: set[asyncio.Task] = set()
 
     @property
@@ -265,10 +269,11 @@ class BackendProcess:
 
     # ---- jobs ------------------------------------------------------------------------------------
     def new_job(self, job_id: str, attempt: int, link: Any, slots: int = 1) -> RunningJob:
-        self._next_key += 1
-        return RunningJob(self._next_key, job_id, attempt, self.name, link, slots)
+        # Keys are unique across processes: a job accepted for one process may run in its successor.
+        return RunningJob(next(_job_keys), job_id, attempt, self.name, link, slots)
 
     def run(self, rj: RunningJob, wire: dict[str, Any], window_s: float) -> None:
+        rj.process = self
         self.jobs[rj.key] = rj
         self._send([ipc.RUN, rj.key, wire, window_s])
 
@@ -339,7 +344,7 @@ class BackendProcess:
         jobs, self.jobs = self.jobs, {}
         crashed = kill is None or kill.crash
         blamed = kill.blame if kill else {}
-        restart = self.state == "ready"
+        restart = self.state == "ready" and not self.retiring
         if restart:
             if crashed:
                 self.crashes += 1

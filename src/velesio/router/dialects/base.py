@@ -47,4 +47,4 @@ CHOSEN = web.RequestKey("dialect", Dialect)
 def seed_error(err: ApiError) -> dict[str, Any]:
     """The seed's error shape (OpenAI's keys with the seed's string ``code``)."""
     return {"error": {"code": err.code, "message": err.message, "details": err.details, "type": err.type,
-                      "param": err.param}}
+                      "param": err.param, **err.extra}}

@@ -184,7 +184,8 @@
         h("dt", { text: isGpu ? "GPU memory" : "memory" }),
         h("dd", { class: "memory" },
           h("span", { text: usedPct === null ? "–" : `${fmtMB(total - free)} used of ${fmtMB(total)}` }), bar)),
-      h("ul", { class: "models" }, (w.models || []).map(modelRow)),
+      h("ul", { class: "models" }, (w.models || []).map(modelRow),
+        (w.loading || []).map((name) => modelRow({ name, kind: "", slots: 0, free: 0, state: "loading" }))),
       h("div", { class: "counters" },
         counter("in flight", fmtInt(w.jobs_in_flight), "jobs-in-flight"),
         counter("jobs done", fmtInt(w.jobs_done), "jobs-done"),
@@ -198,17 +199,31 @@
       h("span", { class: "counter-value", text: value }), h("span", { class: "counter-label", text: label }));
   }
 
+  // A model's state, from its worker: ready, or loading / sleeping (idle past its keep_alive: its next job
+  // loads it again) / draining (being unloaded) / restarting (after a crash).
+  const STATE_TEXT = { loading: "loading", sleeping: "asleep", draining: "unloading", restarting: "restarting",
+    failed: "failed", starting: "starting" };
+
   function modelRow(m) {
     const slots = Number(m.slots) || 0;
+    const state = m.state || "ready";
+    // Slots of a model that is not ready are not free to take a job, except asleep (a job wakes it).
     const free = Math.max(0, Number(m.free) || 0);
-    const busy = Math.max(0, slots - free);
+    const busy = state === "ready" || state === "sleeping" ? Math.max(0, slots - free) : 0;
     const dots = [];
     for (let i = 0; i < Math.min(slots, 16); i++) dots.push(h("span", { class: i < busy ? "slot busy" : "slot" }));
-    return h("li", { class: "model", dataset: { model: m.name, busy, free } },
+    const proc = m.backend_process || {};
+    const about = [proc.pid ? `backend process ${proc.pid}` : null,
+      typeof proc.memory_mb === "number" ? `${fmtMB(proc.memory_mb)} in use` : null,
+      typeof proc.size_mb === "number" ? `about ${fmtMB(proc.size_mb)} by its files` : null,
+      typeof proc.keep_alive_s === "number" ? `unloaded after ${proc.keep_alive_s} s idle` : null]
+      .filter(Boolean).join(" · ");
+    return h("li", { class: "model", dataset: { model: m.name, busy, free, state }, title: about || null },
       h("span", { class: `kind kind-${m.kind || "other"}`, text: m.kind || "?" }),
       h("span", { class: "model-name", text: m.name }),
-      h("span", { class: "slots", title: `${busy} busy, ${free} free of ${slots} slot(s)` },
-        dots, h("span", { class: "slot-text", text: `${busy}/${slots} busy` })));
+      state === "ready" ? null : h("span", { class: `model-state state-${state}`, text: STATE_TEXT[state] || state }),
+      slots ? h("span", { class: "slots", title: `${busy} busy, ${free} free of ${slots} slot(s)` },
+        dots, h("span", { class: "slot-text", text: `${busy}/${slots} busy` })) : null);
   }
 
   function renderQueues(workers, queues) {

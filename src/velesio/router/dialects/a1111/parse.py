@@ -60,6 +60,8 @@ IMG2IMG_DEFAULTS: dict[str, Any] = {
 
 # GET /sdapi/v1/options: what an A1111 client may read; POSTed keys are stored over these.
 OPTION_DEFAULTS: dict[str, Any] = {
+    "send_seed": True,
+    "send_size": True,
     "samples_format": "png",
     "grid_format": "png",
     "sd_vae": "Automatic",

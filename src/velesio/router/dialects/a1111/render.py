@@ -120,7 +120,11 @@ def render(req: ImageRequest, result: ImageResult, model: str, meta: dict[str, A
         "interrupted": result.interrupted,
         "notes": notes,
     }
-    return {"images": images, "parameters": req.echo, "info": json.dumps(info, ensure_ascii=False)}
+    # The echo of the request, with what was resolved: the seeds drawn for -1, the sampler and scheduler used.
+    parameters = {**req.echo, "seed": info["seed"], "subseed": info["subseed"], "sampler_name": info["sampler_name"]}
+    if "scheduler" in parameters:
+        parameters["scheduler"] = info["scheduler"]
+    return {"images": images, "parameters": parameters, "info": json.dumps(info, ensure_ascii=False)}
 
 
 def empty_result() -> ImageResult:

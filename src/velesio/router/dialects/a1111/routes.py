@@ -32,7 +32,7 @@ from velesio.mesh import protocol
 from velesio.mesh.jobs import Job
 from velesio.mesh.params import ImageParams, ImageResult
 
-from ... import admission
+from ... import admission, aliases
 from ...errors import ApiError, invalid
 from ...keys import CONFIG, SCHEDULER, TOKEN_NAME
 from ...relay import dumps, result_of
@@ -102,17 +102,22 @@ def _default_model(request: web.Request, models: dict[str, dict[str, Any]]) -> s
     return next(iter(models), None)
 
 
-def _pick_model(request: web.Request, requested: str, field: str) -> str:
-    """A model a client names (name, title, file name or hash) → its name; 400 when nobody offers it."""
+def _pick_model(request: web.Request, requested: str, field: str, op: str = "txt2img") -> str:
+    """A model a client names (name, title, file name or hash, or a ``router.model_aliases`` name) → its
+    name; 404 ``model_not_found`` when nobody offers it, as for text models."""
     models = _image_models(request)
     name = a1111_models.match_model(requested, models)
     if name is not None:
         return name
     scheduler = request.app[SCHEDULER]
+    alias = aliases.resolve(request.app[CONFIG].model_aliases, requested, op, scheduler.live_models(),
+                            scheduler.known_models)
+    if alias != requested and alias is not None:
+        return a1111_models.match_model(alias, models) or alias
     if requested in scheduler.known_models or not scheduler.workers:
         return requested  # seen before (its worker may be restarting) or no workers yet: let the scheduler wait
     titles = a1111_models.titles(models)
-    raise ApiError("invalid_request", f"{field}: no live image model matches {requested!r}; available: "
+    raise ApiError("model_not_found", f"{field}: no live image model matches {requested!r}; available: "
                                       f"{', '.join(titles.values()) or 'none'}",
                    {"available": list(titles.values())}, param=field)
 
@@ -126,7 +131,7 @@ async def _generate(request: web.Request, op: str) -> web.Response:
         req = await asyncio.to_thread(a1111.parse, op, body, options)  # decodes the images
     else:
         req = a1111.parse(op, body, options)
-    requested = _pick_model(request, req.model, req.model_field) if req.model else None
+    requested = _pick_model(request, req.model, req.model_field, op) if req.model else None
     if requested is None:
         models = _image_models(request)
         default = _default_model(request, models)
@@ -148,7 +153,9 @@ async def _generate(request: web.Request, op: str) -> web.Response:
     finally:
         state.jobs.pop(job.id, None)
     assert isinstance(result, ImageResult)
-    return _json(render.render(req, result, job.model, admitted.meta))
+    response = _json(render.render(req, result, job.model, admitted.meta))
+    response.headers["X-Request-Id"] = job.id  # the id the logs name the job by, as on the text routes
+    return response
 
 
 async def txt2img(request: web.Request) -> web.Response:

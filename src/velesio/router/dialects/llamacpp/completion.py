@@ -28,7 +28,16 @@ from velesio.mesh.jobs import Job
 from velesio.mesh.params import MAX_TOKENS, TextParams, TextResult
 
 from ...errors import ApiError, invalid
-from ...validation import get_bool, get_float, get_int, get_model, get_stop, get_str
+from ...validation import (
+    check_grammar,
+    check_json_schema,
+    get_bool,
+    get_float,
+    get_int,
+    get_model,
+    get_stop,
+    get_str,
+)
 
 # Fields that only llama.cpp's /completion knows; any of them selects this dialect.
 LLAMACPP_FIELDS = frozenset({
@@ -63,8 +72,18 @@ def wants(body: dict[str, Any]) -> bool:
 
 
 # ---- requests --------------------------------------------------------------------------------
+MAX_TOKEN_ID = 2**31 - 1  # llama.cpp's token ids are int32
+
+
 def prompt_parts(body: dict[str, Any]) -> list[str | list[int]]:
-    """The prompt as text pieces and token-id runs, in order (a string gives one piece)."""
+    """The prompt as text pieces and token-id runs, in order (a string gives one piece); 400 when it is empty."""
+    parts = _prompt_parts(body)
+    if not any(parts):
+        raise invalid("prompt", "must not be empty")
+    return parts
+
+
+def _prompt_parts(body: dict[str, Any]) -> list[str | list[int]]:
     prompt = body.get("prompt")
     if prompt is None:
         raise invalid("prompt", "is required")
@@ -75,7 +94,7 @@ def prompt_parts(body: dict[str, Any]) -> list[str | list[int]]:
     if not isinstance(prompt, list):
         raise invalid("prompt", "must be a string, an array of token ids or a mixed array")
     if len(prompt) == 1 and isinstance(prompt[0], (str, list, dict)):
-        return prompt_parts({"prompt": prompt[0]})
+        return _prompt_parts({"prompt": prompt[0]})
     has_int = any(isinstance(p, int) and not isinstance(p, bool) for p in prompt)
     if not has_int and len(prompt) > 1:
         raise invalid("prompt", "several prompts in one request are not supported; send one request per prompt")
@@ -84,8 +103,8 @@ def prompt_parts(body: dict[str, Any]) -> list[str | list[int]]:
         if isinstance(p, str):
             parts.append(p)
         elif isinstance(p, int) and not isinstance(p, bool):
-            if p < 0:
-                raise invalid(f"prompt[{i}]", "token ids must not be negative")
+            if not 0 <= p <= MAX_TOKEN_ID:
+                raise invalid(f"prompt[{i}]", f"token ids must be between 0 and {MAX_TOKEN_ID}")
             if parts and isinstance(parts[-1], list):
                 parts[-1].append(p)
             else:
@@ -139,9 +158,12 @@ def parse(body: dict[str, Any], prompt: str | None = None) -> Job:
     if get_int(body, "n_probs", 0) > 0:
         raise invalid("n_probs", "token probabilities are not supported")
     grammar = get_str(body, "grammar", None) or None
+    if grammar:
+        check_grammar(grammar)
     schema = body.get("json_schema")
     if schema is not None and not isinstance(schema, (dict, bool)):
         raise invalid("json_schema", "must be a JSON schema object")
+    check_json_schema(schema)
     if schema is True or schema == {}:
         schema = None  # any JSON value: no constraint
     if grammar and schema not in (None, False):
@@ -306,5 +328,7 @@ class LlamaCppText:
 
 
 def error_body(err: ApiError) -> dict[str, Any]:
-    """llama.cpp's error shape: ``code`` is the HTTP status."""
-    return {"error": {"code": err.status, "message": err.message, "type": err.type}}
+    """llama.cpp's error shape (``code`` is the HTTP status) with the seed's ``details``, and llama.cpp's
+    ``n_prompt_tokens`` / ``n_ctx`` on a context error."""
+    return {"error": {"code": err.status, "message": err.message, "type": err.type, "details": err.details,
+                      **err.extra}}

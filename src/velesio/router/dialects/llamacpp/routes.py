@@ -40,6 +40,7 @@ from ...relay import dumps, respond, result_of
 from ...validation import get_bool, get_messages, get_model, get_str, read_json
 from ..base import CHOSEN
 from . import completion as llamacpp
+from . import embeddings as embeddings_io
 
 # LLM for Unity's chat template names (Runtime/LLMChatTemplates.cs); /template must answer one of them.
 LLMUNITY_TEMPLATES = ("chatml", "alpaca", "gemma", "mistral chat", "mistral instruct", "llama3 chat", "llama chat",
@@ -59,10 +60,10 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 async def _model(request: web.Request, op: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The model a request names (or the default for ``op``) and the info its workers advertise."""
-    scheduler = request.app[SCHEDULER]
-    name = await scheduler.resolve_model(op, get_model(body))
-    return name, scheduler.model_info(name) or {}
+    """The model a request names (or an alias of it, or the default for ``op``) and the info its workers
+    advertise."""
+    name = await admission.resolve_model(request, op, get_model(body))
+    return name, request.app[SCHEDULER].model_info(name) or {}
 
 
 R = TypeVar("R", bound=Result)
@@ -111,7 +112,9 @@ async def template(request: web.Request) -> web.Response:
 
 async def apply_template(request: web.Request) -> web.Response:
     body = await read_json(request, allow_empty=True)
-    job = Job(op="apply_template", model=get_model(body) or "", params=TemplateParams(messages=get_messages(body)))
+    params = TemplateParams(messages=get_messages(body),
+                            add_generation_prompt=get_bool(body, "add_generation_prompt", True))
+    job = Job(op="apply_template", model=get_model(body) or "", params=params)
     result = await _run(request, job, TemplateResult)
     return _json({"prompt": result.prompt})
 
@@ -155,53 +158,71 @@ def wants_v2_shape(request: web.Request) -> bool:
     return "X-Unity-Version" in request.headers or "UnityPlayer" in request.headers.get("User-Agent", "")
 
 
-def _embedding_model(request: web.Request, model: str | None) -> str | None:
-    """The model named, or None for the default; 501 when text models are up but none embeds."""
-    if model:
-        return model
+async def _embedding_model(request: web.Request, body: dict[str, Any]) -> str:
+    """The model that embeds for this request (its ``model``, an alias of it, or the default); 400 saying
+    how to enable embeddings when the live models serve none."""
+    name = get_model(body)
     live = request.app[SCHEDULER].live_models()
-    if live and not any("embeddings" in (m.get("operations") or ()) for m in live.values()):
-        raise ApiError("not_supported", "no model is loaded with embeddings "
-                       "(set options.embeddings: true on a llama-cpp model in mesh.yaml)")
-    return None
+    if not name and live and not any("embeddings" in (m.get("operations") or ()) for m in live.values()):
+        raise ApiError("invalid_request", "no model is loaded with embeddings; a llama-cpp model serves them "
+                       "with options.embeddings: true in mesh.yaml (the embedded SmolLM2 does by default)",
+                       {"operation": "embeddings"}, param="model")
+    return await admission.resolve_model(request, "embeddings", name)
 
 
-async def _embed(request: web.Request, model: str | None, text: str) -> tuple[str, list[float]]:
-    job = Job(op="embeddings", model=model or "", params=EmbeddingsParams(content=text))
-    result = await _run(request, job, EmbeddingsResult)
-    return job.model, list(result.embedding)
+async def _embed(request: web.Request, model: str, parts: embeddings_io.Input) -> tuple[list[float], int]:
+    """One input's pooled vector and token count. Text is tokenized by the backend; token ids (and the text
+    pieces of a mixed input, tokenized here first) are embedded as they are."""
+    if all(isinstance(p, str) for p in parts):
+        params = EmbeddingsParams(content="".join(p for p in parts if isinstance(p, str)))
+    else:
+        tokens: list[int] = []
+        for part in parts:
+            if isinstance(part, str):
+                job = Job(op="tokenize", model=model, params=TokenizeParams(content=part))
+                tokens += [int(t) for t in (await _run(request, job, TokenizeResult)).tokens]
+            else:
+                tokens += part
+        params = EmbeddingsParams(tokens=tokens)
+    result = await _run(request, Job(op="embeddings", model=model, params=params), EmbeddingsResult)
+    return list(result.embedding), result.prompt_tokens
+
+
+async def _embed_all(request: web.Request, body: dict[str, Any], field: str,
+                     value: Any) -> tuple[str, list[list[float]], int]:
+    """(model, normalised vectors, prompt tokens) of a request's inputs, embedded one after the other."""
+    inputs = embeddings_io.inputs(value, field)
+    mode = embeddings_io.normalise_mode(body)
+    model = await _embedding_model(request, body)
+    vectors, tokens = [], 0
+    for parts in inputs:
+        vector, n = await _embed(request, model, parts)
+        vectors.append(embeddings_io.normalise(vector, mode))
+        tokens += n
+    return model, vectors, tokens
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    """POST /embeddings (llama.cpp): ``content`` a string (or ``input``, a string or a list of strings)."""
+    """POST /embeddings (llama.cpp): ``content`` (or ``input``): one input or a list of them."""
     body = await read_json(request)
-    content = body.get("content", body.get("input"))
-    texts = [content] if isinstance(content, str) else content
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise invalid("content", "must be a string or a non-empty array of strings")
-    model = _embedding_model(request, get_model(body))
-    vectors = [(await _embed(request, model, t))[1] for t in texts]
+    field = "input" if "input" in body and "content" not in body else "content"
+    _model, vectors, _tokens = await _embed_all(request, body, field, body.get(field))
     if wants_v2_shape(request) and len(vectors) == 1:
         return _json({"embedding": vectors[0]})
     return _json([{"index": i, "embedding": v} for i, v in enumerate(vectors)])
 
 
 async def v1_embeddings(request: web.Request) -> web.Response:
-    """POST /v1/embeddings (OpenAI): ``input`` a string or a list of strings."""
+    """POST /v1/embeddings (OpenAI): ``input`` (or ``content``): one input or a list of them;
+    ``encoding_format`` float or base64."""
     body = await read_json(request)
-    content = body.get("input", body.get("content"))
-    texts = [content] if isinstance(content, str) else content
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise invalid("input", "must be a string or a non-empty array of strings")
-    if body.get("encoding_format") not in (None, "float"):
-        raise invalid("encoding_format", "only float is supported")
-    model = _embedding_model(request, get_model(body))
-    data, used = [], model or ""
-    for i, text in enumerate(texts):
-        used, vector = await _embed(request, model, text)
-        data.append({"object": "embedding", "index": i, "embedding": vector})
-    return _json({"object": "list", "data": data, "model": used,
-                  "usage": {"prompt_tokens": 0, "total_tokens": 0}})
+    fmt = embeddings_io.encoding_format(body)
+    field = "input" if "input" in body else "content"
+    model, vectors, tokens = await _embed_all(request, body, field, body.get(field))
+    data = [{"object": "embedding", "index": i, "embedding": embeddings_io.encode(v, fmt)}
+            for i, v in enumerate(vectors)]
+    return _json({"object": "list", "data": data, "model": model,
+                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
 # ---- completion ------------------------------------------------------------------------------
@@ -230,6 +251,8 @@ async def completion(request: web.Request, body: dict[str, Any]) -> web.StreamRe
         job.params.prompt = await detokenize_parts(request, parts, job.model)
     else:
         job.params.prompt = "".join(p for p in parts if isinstance(p, str))
+    if not job.params.prompt:
+        raise invalid("prompt", "must not be empty (the token ids are no text)")
     admission.check(admitted)  # now with the whole prompt
     n_ctx = int(admitted.meta.get("n_ctx") or 0)
     renderer = llamacpp.LlamaCppText(job, n_ctx=n_ctx, fields=llamacpp.response_fields(body))

@@ -11,7 +11,7 @@ DIALECT = Dialect(
     name="seed",
     routes=(
         Route("POST", "/completion", routes.completion),
-        Route("POST", "/completions", routes.v1_completions),
+        Route("POST", "/completions", routes.completion),  # llama.cpp's alias of /completion
         Route("POST", "/v1/completions", routes.v1_completions),
         Route("POST", "/chat/completions", routes.chat_completions),
         Route("POST", "/v1/chat/completions", routes.chat_completions),

@@ -4,7 +4,8 @@
 Request fields we cannot honour are handled per field (docs/clients.md): ``n`` > 1, ``echo``, ``best_of`` > 1
 and ``logprobs`` are refused with 400; ``user``, ``tools``, ``tool_choice``, ``parallel_tool_calls``,
 ``logit_bias``, ``suffix``, ``store``, ``metadata`` and other unknown fields are ignored;
-``response_format`` json_object / json_schema constrain the output with a grammar."""
+``response_format`` json_object / json_schema, and llama.cpp's ``grammar`` and ``json_schema``, constrain the
+output with a grammar."""
 
 from __future__ import annotations
 
@@ -16,7 +17,17 @@ from velesio.mesh.jobs import Job
 from velesio.mesh.params import MAX_TOKENS, TextParams, TextResult
 
 from ...errors import ApiError, invalid
-from ...validation import get_bool, get_float, get_int, get_messages, get_model, get_stop
+from ...validation import (
+    check_grammar,
+    check_json_schema,
+    get_bool,
+    get_float,
+    get_int,
+    get_messages,
+    get_model,
+    get_stop,
+    get_str,
+)
 from ..base import seed_error
 
 
@@ -53,18 +64,45 @@ def _common_params(body: dict[str, Any]) -> dict[str, Any]:
     )
     # A request that fixes its seed wants the same text every time: evaluate its prompt afresh.
     params["cache_prompt"] = seed is None
+    params.update(_constraint(body))
+    return params
+
+
+def _constraint(body: dict[str, Any]) -> dict[str, Any]:
+    """The output constraint of a body: ``grammar`` (GBNF, llama.cpp's extension), a top-level ``json_schema``
+    (llama.cpp's), or ``response_format`` (OpenAI's ``json_object`` / ``json_schema``, and llama.cpp's
+    ``json_object`` with a ``schema``). One of them at most; a grammar or schema that does not compile is the
+    backend's 400."""
+    grammar = get_str(body, "grammar", None) or None
+    schema, field = body.get("json_schema"), "json_schema"
+    if schema is not None and not isinstance(schema, (dict, bool)):
+        raise invalid("json_schema", "must be a JSON schema object")
     fmt = body.get("response_format")
     if fmt is not None:
         if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
             raise invalid("response_format", "type must be text, json_object or json_schema")
+        if fmt["type"] != "text" and schema not in (None, False):
+            raise invalid("response_format", 'either "json_schema" or "response_format" can be given, not both')
         if fmt["type"] == "json_object":
-            params["json_schema"] = {"type": "object"}
+            schema, field = fmt.get("schema", {"type": "object"}), "response_format.schema"
         elif fmt["type"] == "json_schema":
-            schema = (fmt.get("json_schema") or {}).get("schema") if isinstance(fmt.get("json_schema"), dict) else None
-            if not isinstance(schema, dict):
-                raise invalid("response_format.json_schema.schema", "must be a JSON schema object")
-            params["json_schema"] = schema
-    return params
+            inner = fmt.get("json_schema")
+            schema = inner.get("schema") if isinstance(inner, dict) else None
+            field = "response_format.json_schema.schema"
+            if schema is None:
+                raise invalid(field, "must be a JSON schema object")
+        if not isinstance(schema, (dict, bool)):
+            raise invalid(field, "must be a JSON schema object")
+    if schema is True or (schema == {} and field == "json_schema"):
+        schema = None  # any value: no constraint (llama.cpp's json_schema {}, as on /completion)
+    if grammar and schema not in (None, False):
+        raise invalid("grammar", 'either a JSON schema or "grammar" can be given, not both')
+    out: dict[str, Any] = {}
+    if grammar:
+        out["grammar"] = check_grammar(grammar)
+    if isinstance(schema, dict):
+        out["json_schema"] = check_json_schema(schema, field)
+    return out
 
 
 def parse_completion(body: dict[str, Any]) -> Job:
@@ -73,6 +111,8 @@ def parse_completion(body: dict[str, Any]) -> Job:
         prompt = prompt[0]  # OpenAI allows a one-element list
     if not isinstance(prompt, str):
         raise invalid("prompt", "is required and must be a string" if prompt is None else "must be a string")
+    if not prompt:
+        raise invalid("prompt", "must not be empty")
     if get_bool(body, "echo"):
         raise invalid("echo", "echo is not supported")
     params = TextParams(prompt=prompt, **_common_params(body))
@@ -134,7 +174,8 @@ class OpenAIText:
         return self._envelope("text_completion", [choice], **extra)
 
     def start(self) -> list[dict[str, Any]]:
-        return [self._chunk({"role": "assistant", "content": ""}, None)] if self.chat else []
+        # llama.cpp's and OpenAI's first chat chunk: the role, and a null content
+        return [self._chunk({"role": "assistant", "content": None}, None)] if self.chat else []
 
     def chunk(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         text = chunk.get("text")

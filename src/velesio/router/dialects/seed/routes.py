@@ -10,14 +10,15 @@ from aiohttp import web
 from ... import admission
 from ...keys import SCHEDULER
 from ...relay import respond
-from ...validation import read_json
+from ...validation import read_body, read_json
 from .. import llamacpp
 from ..base import Dialect
 from . import openai
 
 
 async def completion(request: web.Request) -> web.StreamResponse:
-    """POST /completion: the seed's shape, or llama.cpp's when the body uses llama.cpp fields."""
+    """POST /completion (and /completions, llama.cpp's alias of it): the seed's shape, or llama.cpp's when the
+    body uses llama.cpp fields."""
     body = await read_json(request)
     if llamacpp.wants(body):
         return await llamacpp.completion(request, body)
@@ -47,10 +48,10 @@ async def v1_models(request: web.Request) -> web.Response:
 async def sniff(request: web.Request) -> Dialect | None:
     """/completion serves two dialects; an error raised before the handler read the body (401, 429) still
     gets llama.cpp's shape when the body is llama.cpp's (LLM for Unity v3 reads ``code`` as an int)."""
-    if request.path != "/completion" or (request.content_length or 0) > 2**20:
+    if request.path not in ("/completion", "/completions") or (request.content_length or 0) > 2**20:
         return None
     try:
-        body = json.loads(await request.read())
+        body = json.loads(await read_body(request))
     except Exception:  # noqa: BLE001 - any body that is not JSON keeps the seed's shape
         return None
     return llamacpp.DIALECT if isinstance(body, dict) and llamacpp.wants(body) else None
