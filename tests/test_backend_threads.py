@@ -4,6 +4,7 @@ run time by ``set_threads``, and counts fixed in the model's options left alone.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -26,12 +27,23 @@ def llama(threads: int | None, slots: int = 1, **options: Any):
     return b, b.load()
 
 
+def contexts(b) -> list[Any]:
+    """Every llama.cpp context of the model: the engine's (or the slots' own), and the embedding one."""
+    own = [b._engine.ctx] if b._engine is not None else [llm.ctx for llm in b._contexts.contexts]
+    return own + ([b._embedder.ctx] if b._embedder is not None else [])
+
+
 def context_threads(b) -> set[tuple[int, int]]:
-    """What llama.cpp itself holds for every context of the model, and what the Llama objects say."""
+    """What llama.cpp itself holds for every context of the model. The engine's thread takes a new count
+    before its next decode: this waits (up to 10 s) for the counts to agree with what the backend asked."""
     import llama_cpp
 
-    return ({(llama_cpp.llama_n_threads(llm.ctx), llama_cpp.llama_n_threads_batch(llm.ctx)) for llm in b._llms}
-            | {(llm.n_threads, llm.n_threads_batch) for llm in b._llms})
+    deadline = time.monotonic() + 10
+    while True:
+        held = {(llama_cpp.llama_n_threads(c), llama_cpp.llama_n_threads_batch(c)) for c in contexts(b)}
+        if held == {(b.n_threads, b.n_threads_batch)} or time.monotonic() > deadline:
+            return held
+        time.sleep(0.01)
 
 
 def complete(b, emit=lambda chunk: None, n: int = 8) -> TextResult:
@@ -45,7 +57,7 @@ def complete(b, emit=lambda chunk: None, n: int = 8) -> TextResult:
 def test_llama_takes_the_workers_share_and_follows_it() -> None:
     b, meta = llama(threads=1, slots=2, embeddings=True)
     try:
-        assert len(b._llms) == 3  # two slots and the embedding context
+        assert b._engine.n_seq == 2 and len(contexts(b)) == 2  # two sequences in one context, and the embedder
         assert (meta["n_threads"], meta["n_threads_batch"]) == (1, 1)
         assert context_threads(b) == {(1, 1)}
         b.set_threads(2)
@@ -102,6 +114,17 @@ def test_llama_without_a_share_uses_the_cores_it_may() -> None:
         cores = available_cores()
         assert (meta["n_threads"], meta["n_threads_batch"]) == (cores, cores)
         assert context_threads(b) == {(cores, cores)}
+    finally:
+        b.close()
+
+
+def test_llama_contexts_engine_follows_the_share_too() -> None:
+    b, meta = llama(threads=1, slots=2, engine="contexts")
+    try:
+        assert meta["engine"] == "contexts" and len(contexts(b)) == 2  # a context per slot
+        b.set_threads(2)
+        assert context_threads(b) == {(2, 2)}
+        assert complete(b).completion_tokens == 8
     finally:
         b.close()
 

@@ -146,7 +146,7 @@ def test_sampling_options_run(engine):
     gens = [engine.submit(prompt, p) for p in variants]
     for g in gens:
         r = g.result(WAIT)
-        assert 1 <= r.completion_tokens <= 8
+        assert 0 <= r.completion_tokens <= 8 and r.finish_reason in ("stop", "length")
 
 
 def test_ignore_eos_never_ends_early(engine):

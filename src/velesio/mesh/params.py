@@ -149,7 +149,9 @@ PARAMS_BY_OP: dict[str, type[Any]] = {
 # ---- results -----------------------------------------------------------------------------------
 @dataclasses.dataclass(kw_only=True)
 class TextResult:
-    """What a ``completion`` or ``chat`` job returns. ``completion_tokens`` counts the tokens produced."""
+    """What a ``completion`` or ``chat`` job returns. ``completion_tokens`` counts the tokens of the reply
+    (the end-of-generation token that ended it is not one); ``tokens_cached`` the prompt tokens a prefix
+    cache supplied instead of evaluating them."""
 
     text: str = ""
     finish_reason: str = "stop"  # "stop" (end of text or a stop word) or "length"
@@ -157,17 +159,20 @@ class TextResult:
     stopping_word: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    tokens_cached: int = 0
+    tokens: list[int] = _list()  # the reply's token ids, where the backend knows them (else empty)
     seed: int | None = None  # the seed sampling used
     prompt_ms: float = 0.0
     predicted_ms: float = 0.0
 
     @classmethod
     def timed(cls, *, text: str, finish_reason: str, stop_type: str, prompt_tokens: int, completion_tokens: int,
-              prompt_ms: float, predicted_ms: float, stopping_word: str = "", seed: int | None = None) -> TextResult:
+              prompt_ms: float, predicted_ms: float, stopping_word: str = "", seed: int | None = None,
+              tokens_cached: int = 0) -> TextResult:
         """A result with its timings rounded to microseconds."""
         return cls(text=text, finish_reason=finish_reason, stop_type=stop_type, stopping_word=stopping_word,
-                   prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, seed=seed,
-                   prompt_ms=round(prompt_ms, 3), predicted_ms=round(predicted_ms, 3))
+                   prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, tokens_cached=tokens_cached,
+                   seed=seed, prompt_ms=round(prompt_ms, 3), predicted_ms=round(predicted_ms, 3))
 
 
 @dataclasses.dataclass(kw_only=True)

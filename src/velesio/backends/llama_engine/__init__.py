@@ -54,7 +54,9 @@ takes the least recently used sequence and evaluates the whole prompt.
 Limits: a prompt of ``n_ctx`` tokens or more raises ``ContextExceeded`` at submit; a generation stops with
 finish "length" (stop_type "limit") at ``max_tokens`` or where the sequence's context is full
 (``max_tokens`` -1: only there); ``max_tokens`` 0 evaluates the prompt (into the cache) and samples nothing.
-``completion_tokens`` counts the tokens sampled, the end-of-generation token included, as llama.cpp does.
+``completion_tokens`` counts the tokens of the reply: the end-of-generation token that ended it is not one
+(what llama-cpp-python and OpenAI count; llama.cpp's server counts it too). ``tokens_cached`` in the result
+is the prompt tokens the prefix cache supplied.
 """
 
 from velesio.backends.llama_engine.engine import Engine, EngineClosed, Generation

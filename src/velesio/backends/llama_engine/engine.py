@@ -401,6 +401,7 @@ class Engine:
             self._end(run, error=InvalidRequest(guard.error))
             return
         if token in self._eog:
+            run.n_sampled -= 1  # the end of generation is not a token of the reply
             self._finish(run, "stop", "eos")
             return
         run.unsent.append(token)
@@ -434,7 +435,7 @@ class Engine:
             text="".join(run.parts), finish_reason=finish, stop_type=stop_type,
             stopping_word=run.matcher.stopped or "", prompt_tokens=len(run.gen.prompt_tokens),
             completion_tokens=run.n_sampled, seed=run.gen.seed, prompt_ms=(first - run.t_start) * 1000,
-            predicted_ms=(end - first) * 1000)
+            predicted_ms=(end - first) * 1000, tokens_cached=run.gen.tokens_cached)
         self._end(run, result=result)
 
     def _end(self, run: Run, result: TextResult | None = None, error: BaseException | None = None) -> None:

@@ -12,8 +12,9 @@ token-array prompt is answered here, in llama.cpp's shapes:
   text with a ``detokenize`` job first. A list of several prompts is refused with 400;
 - fields that change nothing here are accepted and ignored: ``id_slot``, ``cache_prompt``, ``n_keep``,
   ``tfs_z``, ``penalize_nl``, ``penalty_prompt``, ``messages``, ``dry_*``, ``xtc_*``, ``dynatemp_*``,
-  ``samplers``, ``logit_bias``, ``return_tokens``, ``n_indent``, ``lora`` ...; ``n_probs`` > 0 is refused
-  with 400 (no token probabilities);
+  ``samplers``, ``logit_bias``, ``n_indent``, ``lora`` ...; ``return_tokens`` puts the token ids in
+  ``tokens`` (of each stream event, and of the whole reply; llama.cpp leaves them empty otherwise);
+  ``n_probs`` > 0 is refused with 400 (no token probabilities);
 - a stream is one ``data: {...}\\n\\n`` event per HTTP chunk, no comments and no ``[DONE]``; the last event
   has ``content: ""`` and ``stop: true``; an error mid-stream is one ``data: {"error": {...}}`` event;
 - errors have llama.cpp's shape ``{"error": {"code": <int HTTP status>, "message", "type"}}``.
@@ -254,11 +255,14 @@ def _per(n: int, ms: float) -> tuple[float, float]:
 
 
 def timings(result: TextResult) -> dict[str, Any]:
-    prompt_n, predicted_n = result.prompt_tokens, result.completion_tokens
+    """llama.cpp's ``timings``: ``prompt_n`` the prompt tokens evaluated, ``cache_n`` those the prefix cache
+    supplied instead."""
+    cache_n = min(result.tokens_cached, result.prompt_tokens)
+    prompt_n, predicted_n = result.prompt_tokens - cache_n, result.completion_tokens
     prompt_ms, predicted_ms = result.prompt_ms, result.predicted_ms
     p_tok, p_sec = _per(prompt_n, prompt_ms)
     g_tok, g_sec = _per(predicted_n, predicted_ms)
-    return {"cache_n": 0, "prompt_n": prompt_n, "prompt_ms": prompt_ms, "prompt_per_token_ms": p_tok,
+    return {"cache_n": cache_n, "prompt_n": prompt_n, "prompt_ms": prompt_ms, "prompt_per_token_ms": p_tok,
             "prompt_per_second": p_sec, "predicted_n": predicted_n, "predicted_ms": predicted_ms,
             "predicted_per_token_ms": g_tok, "predicted_per_second": g_sec}
 
@@ -268,9 +272,10 @@ class LlamaCppText:
 
     done_marker = False
 
-    def __init__(self, job: Job, *, n_ctx: int = 0, fields: list[str] | None = None):
+    def __init__(self, job: Job, *, n_ctx: int = 0, fields: list[str] | None = None, return_tokens: bool = False):
         assert isinstance(job.params, TextParams)
         self.job = job
+        self.return_tokens = return_tokens
         self.params = job.params
         self.n_ctx = n_ctx
         self.fields = fields
@@ -283,7 +288,7 @@ class LlamaCppText:
         out = {
             "index": 0,
             "content": content,
-            "tokens": [],
+            "tokens": list(result.tokens) if self.return_tokens and content else [],
             "id_slot": -1,
             "stop": True,
             "model": self.job.model,
@@ -315,9 +320,11 @@ class LlamaCppText:
         text = chunk.get("text")
         if not text:
             return []
-        self.pieces += max(1, len(chunk.get("tokens") or ()))
+        tokens = [t for t in chunk.get("tokens") or () if isinstance(t, int)]
+        self.pieces += max(1, len(tokens))
         # tokens_evaluated is only known at the end; partials report 0 (the final event has the count)
-        return [{"index": 0, "content": text, "tokens": [], "stop": False, "id_slot": -1,
+        return [{"index": 0, "content": text, "tokens": tokens if self.return_tokens else [], "stop": False,
+                 "id_slot": -1,
                  "tokens_predicted": self.pieces, "tokens_evaluated": 0}]
 
     def end(self, result: TextResult) -> list[dict[str, Any]]:

@@ -255,7 +255,8 @@ async def completion(request: web.Request, body: dict[str, Any]) -> web.StreamRe
         raise invalid("prompt", "must not be empty (the token ids are no text)")
     admission.check(admitted)  # now with the whole prompt
     n_ctx = int(admitted.meta.get("n_ctx") or 0)
-    renderer = llamacpp.LlamaCppText(job, n_ctx=n_ctx, fields=llamacpp.response_fields(body))
+    renderer = llamacpp.LlamaCppText(job, n_ctx=n_ctx, fields=llamacpp.response_fields(body),
+                                     return_tokens=get_bool(body, "return_tokens"))
     return await respond(request, admitted, renderer)
 
 

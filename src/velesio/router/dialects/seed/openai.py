@@ -133,9 +133,10 @@ def include_usage(body: dict[str, Any]) -> bool:
     return get_bool(opts, "include_usage")
 
 
-def _usage(result: TextResult) -> dict[str, int]:
+def _usage(result: TextResult) -> dict[str, Any]:
     p, c = result.prompt_tokens, result.completion_tokens
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": min(result.tokens_cached, p)}}
 
 
 class OpenAIText:
