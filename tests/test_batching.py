@@ -120,3 +120,18 @@ def test_return_tokens_gives_the_ids_of_the_reply(batched):
     whole = batched.post("/completion", body).json()
     assert whole["tokens"] == ids and whole["content"] == streamed["text"]
     assert batched.post("/completion", greedy("the harbour", 12)).json()["tokens"] == []  # not asked: empty
+
+
+def test_logit_bias_bans_and_forces_tokens(batched):
+    body = greedy("the sea", 6)
+    plain = batched.post("/completion", {**body, "return_tokens": True}).json()
+    first = plain["tokens"][0]
+    banned = batched.post("/completion", {**body, "return_tokens": True, "logit_bias": [[first, False]]}).json()
+    assert banned["tokens"][0] != first
+    openai_form = batched.post("/v1/completions", {"prompt": body["prompt"], "max_tokens": 6, "temperature": 0,
+                                                   "logit_bias": {str(first): -100}}).json()
+    assert openai_form["choices"][0]["text"] != plain["content"]
+    word = batched.post("/completion", {**body, "logit_bias": [["Hello", 100]]}).json()
+    assert word["content"].lstrip().startswith("Hello")
+    bad = batched.post("/completion", {**body, "logit_bias": [[10**9, 1]]})
+    assert bad.status_code == 400 and "logit_bias" in bad.json()["error"]["message"]

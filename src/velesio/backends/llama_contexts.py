@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from velesio.backends import Cancelled, InvalidRequest, JobContext, TextParams, TextResult
+from velesio.backends import Cancelled, InvalidRequest, JobContext, NotSupported, TextParams, TextResult
 from velesio.backends.textutil import StopMatcher
 
 
@@ -68,6 +68,8 @@ class ContextPool:
 
     def _generate(self, llm: Any, prompt_ids: list[int], p: TextParams, ctx: JobContext,
                   extra_stops: Sequence[str]) -> TextResult:
+        if p.logit_bias:
+            raise NotSupported("logit_bias needs the batched engine (options.engine: batched)")
         t0 = time.perf_counter()
         max_tokens = int(p.max_tokens)
         if max_tokens == 0:

@@ -73,6 +73,8 @@ class TextParams:
     stop: list[str] = _list()
     seed: int | None = None  # None: random
     ignore_eos: bool = False
+    # [[token, bias], ...]: token an id, or a string (each of its tokens); bias added to the logit, None bans
+    logit_bias: list[list[Any]] = _list()
     grammar: str | None = None  # GBNF
     json_schema: dict[str, Any] | None = None
     cache_prompt: bool = True  # reuse the KV cache of a common prompt prefix (a fixed seed is reproducible

@@ -262,3 +262,44 @@ def check_json_schema(schema: Any, field: str = "json_schema") -> Any:
             if isinstance(value, (dict, list)):
                 todo.append((where, value))
     return schema
+
+
+MAX_LOGIT_BIASES = 1024  # entries of one request's logit_bias
+
+
+def get_logit_bias(body: dict, name: str = "logit_bias") -> list[list[Any]]:
+    """``logit_bias`` in OpenAI's form (``{"<token id>": bias}``) or llama.cpp's (``[[id or string, bias or
+    false], ...]``, or an object whose keys are ids or strings) as ``[[id or string, bias or None], ...]``:
+    None (``false``) bans the token; a string stands for each of its tokens. Biases are finite numbers."""
+    value = body.get(name)
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        entries = list(value.items())
+    elif isinstance(value, list):
+        entries = []
+        for i, pair in enumerate(value):
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise invalid(f"{name}[{i}]", "must be a [token, bias] pair")
+            entries.append((pair[0], pair[1]))
+    else:
+        raise invalid(name, "must be an object of token ids to biases, or a list of [token, bias] pairs")
+    if len(entries) > MAX_LOGIT_BIASES:
+        raise invalid(name, f"at most {MAX_LOGIT_BIASES} entries")
+    out: list[list[Any]] = []
+    for key, bias in entries:
+        where = f"{name}[{key!r}]"
+        if isinstance(key, str) and key.strip().lstrip("-").isdigit() and len(key.strip()) < 12:
+            key = int(key.strip())
+        if isinstance(key, bool) or not isinstance(key, (int, str)) or (isinstance(key, str) and not key):
+            raise invalid(where, "the token must be an id or a non-empty string")
+        if isinstance(key, int) and not 0 <= key < 2**31:
+            raise invalid(where, "token ids are between 0 and 2^31")
+        if bias is False:
+            out.append([key, None])
+            continue
+        number = get_float({"bias": bias}, "bias", lo=-1e6, hi=1e6) if not isinstance(bias, bool) else None
+        if number is None:
+            raise invalid(where, "the bias must be a number, or false to ban the token")
+        out.append([key, number])
+    return out

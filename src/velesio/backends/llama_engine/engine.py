@@ -144,7 +144,9 @@ class Engine:
             with self._model_lock:
                 self._check_model()
                 guard = self._guard(params)
+        bias = self._logit_bias(params)
         gen = Generation(self, prompt, params, seed, limit, on_piece, cancelled, list(extra_stops), guard)
+        gen.logit_bias = bias
         with self._cond:
             if self._closed:
                 gen._fail(EngineClosed("the engine is closed"))
@@ -152,6 +154,21 @@ class Engine:
             self._waiting.append(gen)
             self._cond.notify()
         return gen
+
+    def _logit_bias(self, params: TextParams) -> list[tuple[int, float]]:
+        """``params.logit_bias`` as (token id, bias) pairs: a string biases each of its tokens (as llama.cpp
+        does), None or -inf bans the token. InvalidRequest for an id outside the vocabulary."""
+        out: list[tuple[int, float]] = []
+        for entry in params.logit_bias:
+            key, bias = entry[0], entry[1]
+            value = float("-inf") if bias is None else float(bias)
+            if isinstance(key, str):
+                out += [(t, value) for t in self.tokenize(key, add_bos=False, special=False)]
+            elif not 0 <= int(key) < self.n_vocab:
+                raise InvalidRequest(f"logit_bias: token ids must be between 0 and {self.n_vocab - 1}, got {key}")
+            else:
+                out.append((int(key), value))
+        return out
 
     def set_threads(self, n_threads: int, n_threads_batch: int | None = None) -> None:
         """Use these thread counts from the next decode on."""
@@ -344,7 +361,7 @@ class Engine:
             slot.tokens = slot.tokens[:keep]
         seed = gen.seed % 0xFFFFFFFF  # 32 bits, never llama.cpp's "random" value 0xFFFFFFFF
         sampler = Sampler(gen.params, n_vocab=self.n_vocab, n_ctx=self.n_ctx, seed=seed, eog=self.eog,
-                          guard=gen._guard)
+                          guard=gen._guard, bias=gen.logit_bias)
         try:
             sampler.prime(gen.prompt_tokens)
         except Exception:

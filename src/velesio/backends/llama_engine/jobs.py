@@ -40,6 +40,7 @@ class Generation:
         self.seed = seed
         self.limit = limit  # the most tokens it may sample (max_tokens, bounded by the context)
         self.tokens_cached = 0
+        self.logit_bias: list[tuple[int, float]] = []  # params.logit_bias with strings turned into ids
         self.seq_id: int | None = None  # the llama.cpp sequence it runs in, once started
         self.future: concurrent.futures.Future[TextResult] = concurrent.futures.Future()
         self._engine = engine

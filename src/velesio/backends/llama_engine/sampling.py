@@ -28,21 +28,24 @@ from velesio.mesh.params import TextParams
 _TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
 
 
-def chain_for(params: TextParams, *, n_vocab: int, n_ctx: int, seed: int, ban: Sequence[int]) -> int:
+def chain_for(params: TextParams, *, n_vocab: int, n_ctx: int, seed: int, ban: Sequence[int],
+              bias: Sequence[tuple[int, float]] = ()) -> int:
     """A new llama.cpp sampler chain (the caller frees it with ``llama_sampler_free``) for ``params``.
 
     ``seed`` is a 32-bit seed other than 0xFFFFFFFF (llama.cpp's "pick one at random"); ``ban`` the tokens
-    given no chance at all (the end-of-generation tokens when ``ignore_eos``); ``n_ctx`` is what
-    ``repeat_last_n`` -1 means."""
+    given no chance at all (the end-of-generation tokens when ``ignore_eos``); ``bias`` (token, value) pairs
+    added to the logits first (the request's ``logit_bias``, -inf bans); ``n_ctx`` is what ``repeat_last_n``
+    -1 means."""
     lc = llama_cpp
     chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
 
     def add(sampler: object) -> None:
         lc.llama_sampler_chain_add(chain, sampler)
 
-    if ban:
-        biases = (lc.llama_logit_bias * len(ban))(*[lc.llama_logit_bias(int(t), float("-inf")) for t in ban])
-        add(lc.llama_sampler_init_logit_bias(n_vocab, len(ban), biases))  # copies the array
+    pairs = [*((int(t), float("-inf")) for t in ban), *bias]
+    if pairs:
+        biases = (lc.llama_logit_bias * len(pairs))(*[lc.llama_logit_bias(t, v) for t, v in pairs])
+        add(lc.llama_sampler_init_logit_bias(n_vocab, len(pairs), biases))  # copies the array
     last_n = n_ctx if params.repeat_last_n < 0 else params.repeat_last_n
     if last_n and (params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty):
         add(lc.llama_sampler_init_penalties(n_vocab, last_n, float(params.repeat_penalty),
@@ -73,11 +76,11 @@ class Sampler:
     Only the engine thread calls :meth:`sample`, right after the decode that produced the row ``idx``."""
 
     def __init__(self, params: TextParams, *, n_vocab: int, n_ctx: int, seed: int, eog: Sequence[int],
-                 guard: GrammarGuard | None):
+                 guard: GrammarGuard | None, bias: Sequence[tuple[int, float]] = ()):
         # With a guard, the guard applies ignore_eos itself (and must be able to let an end token through to
         # stop a generation its grammar cannot continue).
         ban = eog if params.ignore_eos and guard is None else ()
-        self.chain = chain_for(params, n_vocab=n_vocab, n_ctx=n_ctx, seed=seed, ban=ban)
+        self.chain = chain_for(params, n_vocab=n_vocab, n_ctx=n_ctx, seed=seed, ban=ban, bias=bias)
         self.guard = guard
         self.n_vocab = n_vocab
         self._last_n = n_ctx if params.repeat_last_n < 0 else params.repeat_last_n

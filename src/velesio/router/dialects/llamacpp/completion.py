@@ -12,7 +12,8 @@ token-array prompt is answered here, in llama.cpp's shapes:
   text with a ``detokenize`` job first. A list of several prompts is refused with 400;
 - fields that change nothing here are accepted and ignored: ``id_slot``, ``cache_prompt``, ``n_keep``,
   ``tfs_z``, ``penalize_nl``, ``penalty_prompt``, ``messages``, ``dry_*``, ``xtc_*``, ``dynatemp_*``,
-  ``samplers``, ``logit_bias``, ``n_indent``, ``lora`` ...; ``return_tokens`` puts the token ids in
+  ``samplers``, ``n_indent``, ``lora`` ...; ``logit_bias`` (list or object form, ``false`` bans) is
+  honoured; ``return_tokens`` puts the token ids in
   ``tokens`` (of each stream event, and of the whole reply; llama.cpp leaves them empty otherwise);
   ``n_probs`` > 0 is refused with 400 (no token probabilities);
 - a stream is one ``data: {...}\\n\\n`` event per HTTP chunk, no comments and no ``[DONE]``; the last event
@@ -35,6 +36,7 @@ from ...validation import (
     get_bool,
     get_float,
     get_int,
+    get_logit_bias,
     get_model,
     get_stop,
     get_str,
@@ -171,7 +173,8 @@ def parse(body: dict[str, Any], prompt: str | None = None) -> Job:
         raise invalid("grammar", 'either "json_schema" or "grammar" can be given, not both')
     fields: dict[str, Any] = {**DEFAULTS, "prompt": prompt, "max_tokens": n_predict, "stop": get_stop(body),
                               "seed": _seed(body), "ignore_eos": get_bool(body, "ignore_eos"), "grammar": grammar,
-                              "json_schema": schema if isinstance(schema, dict) else None}
+                              "json_schema": schema if isinstance(schema, dict) else None,
+                              "logit_bias": get_logit_bias(body)}
     for name, value in body.items():  # a request names a few of the sampling fields; the others keep defaults
         read = SAMPLING.get(name)
         if read is not None and value is not None:

@@ -3,7 +3,7 @@
 
 Request fields we cannot honour are handled per field (docs/clients.md): ``n`` > 1, ``echo``, ``best_of`` > 1
 and ``logprobs`` are refused with 400; ``user``, ``tools``, ``tool_choice``, ``parallel_tool_calls``,
-``logit_bias``, ``suffix``, ``store``, ``metadata`` and other unknown fields are ignored;
+``suffix``, ``store``, ``metadata`` and other unknown fields are ignored;
 ``response_format`` json_object / json_schema, and llama.cpp's ``grammar`` and ``json_schema``, constrain the
 output with a grammar."""
 
@@ -23,6 +23,7 @@ from ...validation import (
     get_bool,
     get_float,
     get_int,
+    get_logit_bias,
     get_messages,
     get_model,
     get_stop,
@@ -61,6 +62,7 @@ def _common_params(body: dict[str, Any]) -> dict[str, Any]:
         repeat_penalty=get_float(body, "repeat_penalty", None, lo=0.0, hi=10.0),
         stop=get_stop(body),
         seed=seed,
+        logit_bias=get_logit_bias(body) or None,
     )
     # A request that fixes its seed wants the same text every time: evaluate its prompt afresh.
     params["cache_prompt"] = seed is None
