@@ -7,8 +7,12 @@ PIP := $(PY) -m pip
 API_TOKENS ?= your-token
 PORT ?= 8000
 MESH_BIND ?= tcp://127.0.0.1:5555
+# make bench builds llama.cpp's llama-server for the benchmark's `server` scenario when it is missing (or was
+# built from another llama-cpp-python version): about 12 minutes on two cores, once. LLAMA_SERVER_BUILD=off skips it
+# (the scenario then says skipped), as does LLAMA_SERVER=/path/to/llama-server (that binary is used).
+LLAMA_SERVER_BUILD ?= auto
 
-.PHONY: setup run lint test bench clean
+.PHONY: setup run lint test bench llama-server clean
 
 $(VENV)/.installed: pyproject.toml Makefile plugins/example-echo/pyproject.toml plugins/openai-upstream/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +44,14 @@ bench: setup
 	command -v wrk >/dev/null || (command -v apt-get >/dev/null && apt-get install -y -qq wrk >/dev/null 2>&1) || \
 	  echo "wrk is not installed (apt-get install wrk): the overhead scenario uses the Python client"
 	$(PIP) install -q "py-spy>=0.3" >/dev/null 2>&1 || echo "py-spy could not be installed: --profile will say so"
+	@if [ "$(LLAMA_SERVER_BUILD)" != off ] && [ -z "$$LLAMA_SERVER" ]; then \
+	  PYTHON=$(PY) bench/build_llama_server.sh || \
+	  echo "llama-server could not be built (make llama-server says why): the server scenario is skipped"; fi
 	$(PY) -m bench
+
+# llama.cpp's own server, from the llama.cpp that the installed llama-cpp-python vendors, into .cache/llama-server/
+llama-server: setup
+	PYTHON=$(PY) bench/build_llama_server.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

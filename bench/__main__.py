@@ -24,6 +24,10 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("scenarios", nargs="*", metavar="SCENARIO",
@@ -46,6 +50,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                       "requests still open then are unanswered (default 45)")
     p.add_argument("--two-threads", type=int, help="two workers per host: give (b)'s models this many threads "
                                                    "through options.n_threads instead of the worker's share")
+    p.add_argument("--server-concurrency", type=_ints,
+                   help="side by side with llama-server: concurrent clients (default 1,4,8,16; quick 1,4)")
+    p.add_argument("--server-systems", type=_names,
+                   help="side by side with llama-server: the systems, of llama-server, batched (the mesh on its "
+                        "batching engine), contexts (the mesh on separate contexts) (default: all three)")
+    p.add_argument("--server-tokens", type=int, help="side by side with llama-server: n_predict (default 64)")
+    p.add_argument("--server-duration", type=float,
+                   help="side by side with llama-server: seconds measured per run (default 12, quick 4)")
+    p.add_argument("--server-rounds", type=int, help="side by side with llama-server: rounds (default 3, quick 1)")
+    p.add_argument("--server-threads", type=int, help="side by side with llama-server: llama.cpp threads (default 2)")
+    p.add_argument("--server-quiet-wait", type=float,
+                   help="side by side with llama-server: before each run, wait up to this many seconds for other "
+                        "processes to leave the CPU (default 120, quick 10)")
+    p.add_argument("--llama-server", help="side by side with llama-server: its binary (default: $LLAMA_SERVER, then "
+                                          "what `make llama-server` built, then PATH)")
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default=event_loop.name(),
                    help="event loop of the router and workers (default: uvloop when installed, as they run "
                         "by default; asyncio sets VELESIO_LOOP=asyncio for them)")
@@ -72,7 +91,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
                        ("idle_streams", "idle_streams"), ("e2e_reps", "e2e_reps"),
                        ("e2e_threads", "e2e_threads"), ("two_requests", "two_requests"),
                        ("two_clients", "two_clients"), ("two_deadline", "two_deadline_s"),
-                       ("two_threads", "two_threads")):
+                       ("two_threads", "two_threads"), ("server_concurrency", "server_concurrencies"),
+                       ("server_systems", "server_systems"), ("server_tokens", "server_tokens"),
+                       ("server_duration", "server_duration"), ("server_rounds", "server_rounds"),
+                       ("server_threads", "server_threads"), ("server_quiet_wait", "server_quiet_wait"),
+                       ("llama_server", "llama_server")):
         if getattr(args, arg) is not None:
             setattr(s, field, getattr(args, arg))
     s.floor = not args.no_floor

@@ -54,6 +54,20 @@ class Settings:
     fair_flood: int = 200
     fair_b_requests: int = 10
     fair_max_tokens: int = 8
+    # side by side with llama.cpp's llama-server (bench/peer.py)
+    server_concurrencies: tuple[int, ...] = (1, 4, 8, 16)
+    server_tokens: int = 64  # n_predict of every request (EOS ignored)
+    server_n_ctx: int = 512  # context per sequence (llama-server: -c n_ctx × C, not unified)
+    server_threads: int = 2  # llama.cpp threads (-t/-tb; options.n_threads/n_threads_batch)
+    server_duration: float = 12.0  # seconds measured per system, concurrency and round (after the warm-up)
+    server_warmup: float = 3.0
+    server_rounds: int = 3  # the systems in turn, the order rotating; medians reported
+    server_systems: tuple[str, ...] = ("llama-server", "batched", "contexts")
+    server_probe: bool = True  # client 0 streams: the client-observed TTFT
+    server_quiet_wait: float = 120.0  # before each run, wait up to this long for other processes to go quiet
+    server_max_foreign: float = 0.1  # a run during which other processes used more of the CPU is measured again
+    server_attempts: int = 3  # ... at most this many times (the last is kept, marked noisy)
+    llama_server: str | None = None  # the binary (default: LLAMA_SERVER, then make llama-server's, then PATH)
     loop: str = "uvloop"  # the router's and workers' event loop (VELESIO_LOOP): uvloop or asyncio
     profile: bool = False  # py-spy the router during scenarios 1 and 2
     client: str = "wrk"  # scenario 1's load generator: wrk (when installed) or python (bench/loadgen.py)
@@ -64,7 +78,8 @@ class Settings:
         return cls(duration=1.5, warmup=0.5, rounds=1, stream_tokens=500, stream_rounds=1, e2e_reps=2,
                    scaling_workers=(1, 2, 4), scaling_delay_ms=50, idle_streams=200, two_requests=16, two_idle=3,
                    two_deadline_s=20.0, routing_rounds=1, routing_conversations=8, routing_turns=3, fair_flood=40,
-                   fair_b_requests=3, **kw)
+                   fair_b_requests=3, server_concurrencies=(1, 4), server_duration=4.0,
+                   server_warmup=1.0, server_rounds=1, server_quiet_wait=10.0, **kw)
 
 
 Log = Callable[[str], None]

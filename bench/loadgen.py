@@ -14,6 +14,11 @@ Modes:
 - ``batch``: ``total`` requests shared by ``concurrency`` clients in a closed loop, ended at ``deadline``
   seconds (requests still open then are cancelled: unanswered); per request its latency, HTTP status and
   ``usage.completion_tokens``.
+- ``completions``: a closed loop of ``concurrency`` clients sending llama.cpp ``/completion`` requests, each
+  with its own prompt (``prompt_format`` filled with a number unique to the run and a topic), until
+  ``warmup`` + ``duration`` seconds; the requests open then finish. Non-streamed, except client 0 when
+  ``probe`` is set: it streams, and its time to the first token is the client-observed TTFT. Per request
+  its start and end (seconds from the start), tokens predicted and the server's ``timings``.
 """
 
 from __future__ import annotations
@@ -268,8 +273,83 @@ async def run_batch(spec: dict[str, Any]) -> dict[str, Any]:
             "deadline_hit": bool(pending), "wall_s": min(wall, deadline) if pending else wall, "requests": done}
 
 
+def _completion_final(obj: dict[str, Any]) -> dict[str, Any]:
+    timings = obj.get("timings") or {}
+    tokens = obj.get("tokens_predicted")
+    if tokens is None:
+        tokens = timings.get("predicted_n", (obj.get("usage") or {}).get("completion_tokens"))
+    return {"tokens": tokens, "prompt_ms": timings.get("prompt_ms"), "predicted_ms": timings.get("predicted_ms"),
+            "prompt_n": timings.get("prompt_n", obj.get("tokens_evaluated"))}
+
+
+async def one_completion(session: aiohttp.ClientSession, url: str, body: dict[str, Any], headers: dict[str, str],
+                         stream: bool) -> dict[str, Any]:
+    """One llama.cpp ``/completion`` request: non-streamed, or streamed (then with its time to first token)."""
+    perf = time.perf_counter
+    t0 = perf()
+    out: dict[str, Any] = {"stream": stream, "ttft": None}
+    async with session.post(url, data=json.dumps({**body, "stream": stream}).encode(), headers=headers) as r:
+        out["status"] = r.status
+        if r.status != 200:
+            out["error"] = f"HTTP {r.status}: {(await r.read())[:200]!r}"
+            return out
+        if not stream:
+            out.update(_completion_final(json.loads(await r.read())))
+            return out
+        pending = b""
+        async for piece in r.content.iter_any():
+            pending += piece
+            *whole, pending = pending.split(b"\n\n")
+            for raw in whole:
+                if not raw.startswith(b"data: ") or raw[6:].strip() == b"[DONE]":
+                    continue
+                obj = json.loads(raw[6:])
+                if out["ttft"] is None and obj.get("content"):
+                    out["ttft"] = perf() - t0
+                if obj.get("stop"):
+                    out.update(_completion_final(obj))
+    return out
+
+
+async def run_completions(spec: dict[str, Any]) -> dict[str, Any]:
+    url, headers, body = spec["url"], spec.get("headers") or {}, spec["body"]
+    concurrency, warmup, duration = int(spec["concurrency"]), float(spec["warmup"]), float(spec["duration"])
+    topics, fmt, probe = spec["topics"], spec["prompt_format"], bool(spec.get("probe"))
+    counter = int(spec.get("first", 0))
+    done: list[dict[str, Any]] = []
+    async with _session(concurrency) as session:
+        perf = time.perf_counter
+        start = perf()
+        stop_at = start + warmup + duration
+
+        async def client(i: int) -> None:
+            nonlocal counter
+            while perf() < stop_at:
+                n, counter = counter, counter + 1
+                prompt = fmt.format(n=n, topic=topics[n % len(topics)])
+                t0 = perf()
+                attempts = 0
+                while attempts < 2:
+                    attempts += 1
+                    try:
+                        res = await one_completion(session, url, {**body, "prompt": prompt}, headers,
+                                                   probe and i == 0)
+                        break
+                    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                        # A kept-alive connection the server had closed: the request never reached it; once more.
+                        res = {"status": 0, "error": f"{type(exc).__name__}: {exc}"}
+                    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+                        res = {"status": 0, "error": f"{type(exc).__name__}: {exc}"}
+                        break
+                done.append({"client": i, "start": t0 - start, "end": perf() - start, "attempts": attempts, **res})
+
+        await asyncio.gather(*(client(i) for i in range(concurrency)))
+    return {"window": [warmup, warmup + duration], "requests": done, "next": counter}
+
+
 MODES = {"requests": run_requests, "streams": run_streams, "each": run_each, "hold": run_hold,
-         "framing": run_framing, "batch": run_batch}
+         "framing": run_framing, "batch": run_batch,
+         "completions": run_completions}
 
 
 def main(argv: list[str]) -> int:

@@ -23,6 +23,7 @@ TARGETS = {
     "affinity_ttft_ratio": 0.5,  # cache-aware turn-2+ TTFT p50 ÷ least-loaded's
     "affinity_throughput_ratio": 1.0,  # cache-aware tokens/s ÷ least-loaded's
     "fairness_b_over_idle": 2.0,  # B's p50 latency under A's flood ÷ idle (within one job time of idle)
+    "server_ratio": 0.9,  # the mesh's batched engine: aggregate tokens/s ÷ llama-server's, at every C
 }
 
 
@@ -85,11 +86,56 @@ def checks(results: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     if fair.get("b_over_idle"):
         out.append(("fair share: B's p50 under A's flood ÷ idle", f"≤ {TARGETS['fairness_b_over_idle']}",
                     _f(fair["b_over_idle"], 2), fair["b_over_idle"] <= TARGETS["fairness_b_over_idle"]))
+    peer = sc.get("server") or {}
+    batched = [r for r in peer.get("rows", []) if r["system"] == "batched" and r.get("ratio") is not None
+               and not math.isnan(r["ratio"])]
+    if batched:
+        worst = min(batched, key=lambda r: r["ratio"])
+        cs = ", ".join(str(r["concurrency"]) for r in batched)
+        out.append((f"side by side: mesh (batched) tokens/s ÷ llama-server's, worst of C = {cs} "
+                    f"(C = {worst['concurrency']})", f"≥ {TARGETS['server_ratio']}", _f(worst["ratio"], 2),
+                    worst["ratio"] >= TARGETS["server_ratio"]))
     mem = sc.get("memory") or {}
     if mem.get("opened"):
         out.append((f"router RSS with {mem['opened']:,} idle streams", f"≤ {TARGETS['idle_rss_mb']} MB",
                     f"{_f(mem['rss_open_mb'], 1)} MB", mem["rss_open_mb"] <= TARGETS["idle_rss_mb"]))
     return out
+
+
+def server_table(p: dict[str, Any]) -> list[str]:
+    """Section 9: the mesh side by side with llama.cpp's llama-server (bench/peer.py)."""
+    if "skipped" in p:
+        return [f"**9. Side by side with llama.cpp's server** — skipped: {p['skipped']}", ""]
+    loads = [r["loadavg_1m_before"] for r in p.get("runs", [])]
+    foreign = [r["foreign_cpu_share"] for r in p.get("runs", []) if r.get("foreign_cpu_share") is not None]
+    noisy = sum(bool(r.get("noisy")) for r in p.get("runs", []))
+    version = (p.get("llama_server") or {}).get("version")
+    ttft = ("TTFT: client 0 streams and its time to the first token is measured (the other clients' requests are "
+            "not streamed)" if p["probe"] else "no TTFT probe")
+    lines = [f"**9. Side by side with llama.cpp's server** — {p['model']}, {p['threads']} threads, {p['n_ctx']} "
+             f"tokens of context per sequence; C clients send back-to-back `/completion` requests of "
+             f"{p['n_predict']} tokens (EOS ignored, a prompt of its own each); aggregate tokens/s over "
+             f"{p['duration_s']:g} s after {p['warmup_s']:g} s of warm-up; the systems in turn, medians of "
+             f"{p['rounds']} round(s); ÷ llama-server: the median of each round's own ratio. {ttft}; prompt_ms: "
+             "what each server reports in `timings`. Systems: "
+             + "; ".join(f"{k}: {v}" for k, v in p["labels"].items())
+             + (f". llama-server {version}" if version else "")
+             + (f". 1-minute load average before the runs {min(loads):.2f}–{max(loads):.2f} (it counts the "
+                "systems' own threads, C × 2 spinning ones for the separate contexts)" if loads else "")
+             + (f"; CPU used by other processes during the runs kept: at most {max(foreign):.0%} of the machine"
+                if foreign else "")
+             + (f"; {len(p['discarded'])} run(s) measured again (other processes above "
+                f"{p['max_foreign_cpu']:.0%} of the CPU)" if p.get("discarded") else "")
+             + (f"; {noisy} run(s) kept although other processes were above it (no quiet moment)" if noisy else "")
+             + ".", ""]
+    rows = [[str(r["concurrency"]), r["system"], _f(r["tokens_per_s"], 1), _f(r.get("ratio"), 2),
+             _f(r["ttft_p50_ms"], 1), f"{_f(r['ttft_p99_ms'], 1)} ({r.get('ttft_n', 0)})", _f(r["prompt_ms_p50"], 1),
+             f"{_f(r['prompt_ms_p99'], 1)} ({r.get('prompt_ms_n', 0)})", _f(r["latency_p50_ms"]), _f(r["failed"]),
+             _f(r["tokens_ok"]), _f(r.get("failovers"))]
+            for r in p["rows"]]
+    return lines + _table(["C", "system", "tokens/s", "÷ llama-server", "TTFT p50 ms", "TTFT p99 ms (n)",
+                           "prompt_ms p50", "prompt_ms p99 (n)", "request p50 ms", "failed", "all tokens",
+                           "failovers"], rows) + [""]
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -205,6 +251,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += _table(["idle p50 ms", "B p50 ms", "B max ms", "B ÷ idle", "A p50 s", "A still waiting after B"],
                         [[_f(f["idle_p50_s"] * 1e3), _f(f["b_p50_s"] * 1e3), _f(f["b_max_s"] * 1e3),
                           _f(f["b_over_idle"], 2), _f(f["a_p50_s"], 1), str(f["a_still_waiting_after_b"])]]) + [""]
+    if "server" in sc:
+        lines += server_table(sc["server"])
     ck = checks(results)
     if ck:
         lines += ["**Targets** (for a 2-core machine)", ""]

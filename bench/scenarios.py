@@ -1,6 +1,6 @@
-"""The six scenarios, by name. Each starts its own processes, measures, stops them, and returns plain data.
-Router overhead is in bench/overhead.py, end to end in bench/e2e.py and two workers per host in
-bench/twoworkers.py."""
+"""The scenarios, by name. Each starts its own processes, measures, stops them, and returns plain data.
+Router overhead is in bench/overhead.py, end to end in bench/e2e.py, two workers per host in
+bench/twoworkers.py and the side by side with llama.cpp's server in bench/peer.py."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from .cluster import Cluster, CpuMeter, rss_mb
 from .common import ECHO, ROOT, Log, Profiler, Settings, loadgen, pct
 from .e2e import end_to_end
 from .overhead import overhead
+from .peer import peer_server
 from .routing import affinity, fairness
 from .twoworkers import two_workers
 
@@ -152,4 +153,5 @@ def memory(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
 
 SCENARIOS: dict[str, Callable[[Settings, Path, Log], dict[str, Any]]] = {
     "overhead": overhead, "stream": stream_relay, "e2e": end_to_end, "scaling": scaling, "memory": memory,
-    "two-workers": two_workers, "affinity": affinity, "fairness": fairness}
+    "two-workers": two_workers, "affinity": affinity, "fairness": fairness,
+    "server": peer_server}

