@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--two-clients", type=int, help="two workers per host: concurrent clients (default 16)")
     p.add_argument("--two-deadline", type=float, help="two workers per host: seconds a loaded phase may last; "
                                                       "requests still open then are unanswered (default 45)")
+    p.add_argument("--routing-conversations", type=int, help="affinity: conversations at once (default 32)")
+    p.add_argument("--routing-rounds", type=int, help="affinity: rounds per routing mode (default 2)")
+    p.add_argument("--routing-slots", type=int, help="affinity: slots per worker (default 4)")
     p.add_argument("--two-threads", type=int, help="two workers per host: give (b)'s models this many threads "
                                                    "through options.n_threads instead of the worker's share")
     p.add_argument("--server-concurrency", type=_ints,
@@ -95,7 +98,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
                        ("server_systems", "server_systems"), ("server_tokens", "server_tokens"),
                        ("server_duration", "server_duration"), ("server_rounds", "server_rounds"),
                        ("server_threads", "server_threads"), ("server_quiet_wait", "server_quiet_wait"),
-                       ("llama_server", "llama_server")):
+                       ("llama_server", "llama_server"), ("routing_conversations", "routing_conversations"),
+                       ("routing_rounds", "routing_rounds"), ("routing_slots", "routing_slots")):
         if getattr(args, arg) is not None:
             setattr(s, field, getattr(args, arg))
     s.floor = not args.no_floor

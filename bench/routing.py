@@ -56,14 +56,21 @@ async def _turn(session: Any, url: str, headers: dict[str, str], messages: list[
             "total": time.perf_counter() - start, "text": "".join(text), "usage": usage}
 
 
-async def _conversations(url: str, headers: dict[str, str], n: int, turns: int, max_tokens: int) -> dict[str, Any]:
+async def _conversations(url: str, headers: dict[str, str], n: int, turns: int, max_tokens: int,
+                         think_s: float = 1.0) -> dict[str, Any]:
+    """``n`` conversations at once; each player "thinks" a random 0..``think_s`` seconds before each turn
+    (seeded: both routing modes see the same schedule), so turns do not arrive in lockstep."""
+    import random
+
     import aiohttp
 
     results: list[dict[str, Any]] = []
 
     async def conversation(i: int) -> None:
+        rng = random.Random(i)
         messages = [{"role": "system", "content": SYSTEM}]
         for t in range(turns):
+            await asyncio.sleep(rng.uniform(0, think_s))
             messages.append({"role": "user", "content": f"(guest {i}) {QUESTIONS[t % len(QUESTIONS)]}"})
             r = await _turn(session, url, headers, messages, max_tokens)
             results.append({**r, "turn": t})
