@@ -40,7 +40,9 @@ async def read_body(request: web.Request) -> bytes:
     if request.get(BODY_FAILED):
         raise ApiError("invalid_request", "the request body cannot be read")
     try:
-        return await asyncio.wait_for(request.read(), timeout if timeout and timeout > 0 else None)
+        if request.content.is_eof() or not timeout or timeout <= 0:
+            return await request.read()  # all of it has arrived (the usual small body): no timer task needed
+        return await asyncio.wait_for(request.read(), timeout)
     except asyncio.TimeoutError:
         request[BODY_FAILED] = True
         raise ApiError("request_timeout", f"the request body did not arrive within {timeout:g} s") from None
