@@ -54,6 +54,7 @@ class Settings:
     fair_flood: int = 200
     fair_b_requests: int = 10
     fair_max_tokens: int = 8
+    prefix_rounds: int = 5  # prefix cache: conversations, each a cold first turn and a cached second
     # side by side with llama.cpp's llama-server (bench/peer.py)
     server_concurrencies: tuple[int, ...] = (1, 4, 8, 16)
     server_tokens: int = 64  # n_predict of every request (EOS ignored)

@@ -23,6 +23,7 @@ TARGETS = {
     "affinity_ttft_ratio": 0.5,  # cache-aware turn-2+ TTFT p50 ÷ least-loaded's
     "affinity_throughput_ratio": 1.0,  # cache-aware tokens/s ÷ least-loaded's
     "fairness_b_over_idle": 2.0,  # B's p50 latency under A's flood ÷ idle (within one job time of idle)
+    "prefix_second_turn_ratio": 0.3,  # a second turn's TTFT ÷ the cold first turn's (1,000-token prefix)
     "server_ratio": 0.9,  # the mesh's batched engine: aggregate tokens/s ÷ llama-server's, at every C
 }
 
@@ -95,6 +96,10 @@ def checks(results: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
         out.append((f"side by side: mesh (batched) tokens/s ÷ llama-server's, worst of C = {cs} "
                     f"(C = {worst['concurrency']})", f"≥ {TARGETS['server_ratio']}", _f(worst["ratio"], 2),
                     worst["ratio"] >= TARGETS["server_ratio"]))
+    pre = sc.get("prefix") or {}
+    if pre.get("ratio") is not None:
+        out.append(("prefix cache: second turn's TTFT ÷ cold", f"≤ {TARGETS['prefix_second_turn_ratio']}",
+                    _f(pre["ratio"], 3), pre["ratio"] <= TARGETS["prefix_second_turn_ratio"]))
     mem = sc.get("memory") or {}
     if mem.get("opened"):
         out.append((f"router RSS with {mem['opened']:,} idle streams", f"≤ {TARGETS['idle_rss_mb']} MB",
@@ -253,6 +258,14 @@ def markdown(results: dict[str, Any]) -> str:
                           _f(f["b_over_idle"], 2), _f(f["a_p50_s"], 1), str(f["a_still_waiting_after_b"])]]) + [""]
     if "server" in sc:
         lines += server_table(sc["server"])
+    if "prefix" in sc:
+        f = sc["prefix"]
+        lines += [f"**10. Prefix cache** — one worker (4 slots, 2 threads); {f['rounds']} conversations, each a "
+                  f"first turn of {f['prompt_tokens']} prompt tokens and a second turn that extends it; TTFT "
+                  "streamed, medians.", ""]
+        lines += _table(["cold TTFT p50 ms", "second turn TTFT p50 ms", "from the cache", "ratio"],
+                        [[_f(f["cold_ttft_p50_ms"]), _f(f["second_ttft_p50_ms"]), _f(f["cache_n_p50"]),
+                          _f(f["ratio"], 3)]]) + [""]
     ck = checks(results)
     if ck:
         lines += ["**Targets** (for a 2-core machine)", ""]

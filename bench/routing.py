@@ -168,3 +168,45 @@ def fairness(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
         f"(x{res['b_over_idle']:.2f}), max {res['b_max_s'] * 1e3:.0f} ms; A p50 {res['a_p50_s']:.1f} s; "
         f"A requests still waiting when B finished: {res['a_still_waiting_after_b']}")
     return {"flood": s.fair_flood, "b_requests": s.fair_b_requests, "max_tokens": s.fair_max_tokens, **res}
+
+
+def prefix_cache(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
+    """A conversation's second turn against its first: a prompt of about 1,000 tokens (a prefix of its own
+    each round), then the same prefix with the next turn appended; time to first token of each, streamed,
+    one worker (4 slots, 2 threads). The second turn's prefix comes from the worker's prefix cache."""
+    import requests
+
+    base = ("The old lighthouse keeper wrote in his journal every evening about the ships, the weather and "
+            "the birds. ")
+    cold: list[float] = []
+    warm: list[float] = []
+    cached: list[int] = []
+    with Cluster(workdir, loop=s.loop) as mesh:
+        mesh.start_router()
+        mesh.start_workers(["prefix-1"], [model(4, 2)])
+
+        def turn(prompt: str) -> tuple[float, dict[str, Any]]:
+            body = {"prompt": prompt, "n_predict": 4, "temperature": 0, "stream": True}
+            start = time.perf_counter()
+            first, final = None, {}
+            with requests.post(mesh.url + "/completion", json=body, headers=mesh.headers, stream=True,
+                               timeout=300) as resp:
+                for line in resp.iter_lines():
+                    if line:
+                        first = first if first is not None else time.perf_counter() - start
+                        final = json.loads(line[len(b"data: "):])
+            return first if first is not None else float("nan"), final
+
+        for i in range(s.prefix_rounds):
+            prefix = f"Story {i}. " + base * 45
+            cold.append(turn(prefix + " Chapter one:")[0])
+            t, final = turn(prefix + " Chapter one: It was a calm night. Chapter two:")
+            warm.append(t)
+            cached.append(int((final.get("timings") or {}).get("cache_n") or 0))
+            prompt_n = int(final.get("tokens_evaluated") or 0)
+    res = {"rounds": s.prefix_rounds, "prompt_tokens": prompt_n, "cache_n_p50": statistics.median(cached),
+           "cold_ttft_p50_ms": statistics.median(cold) * 1e3, "second_ttft_p50_ms": statistics.median(warm) * 1e3}
+    res["ratio"] = res["second_ttft_p50_ms"] / res["cold_ttft_p50_ms"]
+    log(f"  {prompt_n} prompt tokens: cold TTFT p50 {res['cold_ttft_p50_ms']:.0f} ms, second turn "
+        f"{res['second_ttft_p50_ms']:.0f} ms ({res['cache_n_p50']:.0f} from the cache), ratio {res['ratio']:.3f}")
+    return res

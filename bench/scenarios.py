@@ -19,7 +19,7 @@ from .common import ECHO, ROOT, Log, Profiler, Settings, loadgen, pct
 from .e2e import end_to_end
 from .overhead import overhead
 from .peer import peer_server
-from .routing import affinity, fairness
+from .routing import affinity, fairness, prefix_cache
 from .twoworkers import two_workers
 
 __all__ = ["SCENARIOS", "Settings"]
@@ -153,5 +153,5 @@ def memory(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
 
 SCENARIOS: dict[str, Callable[[Settings, Path, Log], dict[str, Any]]] = {
     "overhead": overhead, "stream": stream_relay, "e2e": end_to_end, "scaling": scaling, "memory": memory,
-    "two-workers": two_workers, "affinity": affinity, "fairness": fairness,
+    "two-workers": two_workers, "affinity": affinity, "fairness": fairness, "prefix": prefix_cache,
     "server": peer_server}
