@@ -73,7 +73,7 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if allowed is not None and not response.prepared:
         response.headers["Access-Control-Allow-Origin"] = allowed
         response.headers["Access-Control-Allow-Credentials"] = "true"
-        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, PATCH, DELETE, OPTIONS"
         response.headers["Access-Control-Allow-Headers"] = request.headers.get(
             "Access-Control-Request-Headers", "Authorization, Content-Type")
         response.headers["Vary"] = "Origin"
