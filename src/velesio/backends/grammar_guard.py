@@ -23,6 +23,8 @@ from collections.abc import Sequence
 import llama_cpp
 import numpy as np
 
+from velesio.mesh.params import TextParams
+
 # llama_token_data as numpy sees it (the layout llama-cpp-python's own custom samplers use).
 _TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
 
@@ -119,3 +121,27 @@ class GrammarGuard:
 
     def __del__(self) -> None:
         self.close()
+
+
+def guard_for(model: int, params: TextParams, eog: Sequence[int], eos: int) -> GrammarGuard:
+    """The job's grammar (or JSON schema) as a GrammarGuard over ``model``, checked once against the whole
+    vocabulary: InvalidRequest (400) for a grammar llama.cpp cannot parse, and for one that no text can
+    satisfy from the start."""
+    import json
+
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    from velesio.backends import InvalidRequest
+
+    field = "grammar" if params.grammar else "json_schema"
+    try:
+        text = params.grammar or json_schema_to_gbnf(json.dumps(params.json_schema))
+        guard = GrammarGuard(model, text, field, eog, eos, bool(params.ignore_eos))
+    except Exception as exc:
+        raise InvalidRequest(f"{field}: cannot be compiled: {exc}") from None
+    try:
+        guard.check_start()
+    except ValueError as exc:
+        guard.close()
+        raise InvalidRequest(str(exc)) from None
+    return guard

@@ -6,7 +6,6 @@ while the engine is new; the engine is the default."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import queue
 import random
 import threading
@@ -15,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from velesio.backends import Cancelled, InvalidRequest, JobContext, NotSupported, TextParams, TextResult
+from velesio.backends.grammar_guard import guard_for
 from velesio.backends.textutil import StopMatcher
 
 
@@ -79,7 +79,9 @@ class ContextPool:
                                     completion_tokens=0, prompt_ms=ms, predicted_ms=0.0)
         room = self.n_ctx - len(prompt_ids)
         limit = room if max_tokens < 0 else min(max_tokens, room)
-        guard = self._grammar_guard(llm, p) if p.grammar or p.json_schema else None
+        # The grammar never enters llama-cpp-python's sampler chain, where llama.cpp accepts each chosen token
+        # natively and aborts the process on one the grammar does not allow (backends/grammar_guard.py).
+        guard = guard_for(llm._model.model, p, self._eog, llm.token_eos()) if p.grammar or p.json_schema else None
         counter = _Sampled()
         banned = self._eog if p.ignore_eos and guard is None else []  # a guard applies ignore_eos itself
 
@@ -144,30 +146,6 @@ class ContextPool:
                                 stopping_word=matcher.stopped or "", prompt_tokens=len(prompt_ids),
                                 completion_tokens=produced, prompt_ms=(first - t0) * 1000,
                                 predicted_ms=(end - first) * 1000, seed=seed)
-
-    def _grammar_guard(self, llm: Any, p: TextParams) -> Any:
-        """The request's grammar (or JSON schema) as a GrammarGuard, checked once against the whole vocabulary.
-
-        The grammar never enters llama-cpp-python's sampler chain, where llama.cpp accepts each chosen token
-        natively and aborts the process on one the grammar does not allow (backends/grammar_guard.py).
-        400 for a grammar llama.cpp cannot parse, and for one that no text can satisfy from the start."""
-        from llama_cpp import LlamaGrammar
-
-        from velesio.backends.grammar_guard import GrammarGuard
-
-        field = "grammar" if p.grammar else "json_schema"
-        try:
-            text = p.grammar if p.grammar else \
-                LlamaGrammar.from_json_schema(json.dumps(p.json_schema), verbose=False)._grammar
-            guard = GrammarGuard(llm._model.model, text, field, self._eog, llm.token_eos(), bool(p.ignore_eos))
-        except Exception as exc:
-            raise InvalidRequest(f"{field}: cannot be compiled: {exc}") from None
-        try:
-            guard.check_start()
-        except ValueError as exc:
-            guard.close()
-            raise InvalidRequest(str(exc)) from None
-        return guard
 
     @staticmethod
     def _evaluate_only(llm: Any, ids: list[int]) -> None:

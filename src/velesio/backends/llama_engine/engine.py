@@ -18,7 +18,7 @@ import llama_cpp
 import numpy as np
 
 from velesio.backends import BackendError, Cancelled, ContextExceeded, InvalidRequest
-from velesio.backends.grammar_guard import GrammarGuard
+from velesio.backends.grammar_guard import guard_for
 from velesio.backends.llama_engine.cache import Slot, pick_slot
 from velesio.backends.llama_engine.jobs import EngineClosed, Generation, OnPiece, Run
 from velesio.backends.llama_engine.sampling import PieceDecoder, Sampler
@@ -143,7 +143,7 @@ class Engine:
         if params.grammar or params.json_schema:
             with self._model_lock:
                 self._check_model()
-                guard = self._guard(params)
+                guard = guard_for(self.model, params, self.eog, self.eos)
         bias = self._logit_bias(params)
         gen = Generation(self, prompt, params, seed, limit, on_piece, cancelled, list(extra_stops), guard)
         gen.logit_bias = bias
@@ -230,26 +230,6 @@ class Engine:
     def _wake(self) -> None:
         with self._cond:
             self._cond.notify()
-
-    def _guard(self, params: TextParams) -> GrammarGuard:
-        """The job's grammar (or JSON schema) as a GrammarGuard, checked against the whole vocabulary (as the
-        llama backend does: 400 for a grammar llama.cpp cannot parse, or that no text can satisfy)."""
-        import json
-
-        from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-        field = "grammar" if params.grammar else "json_schema"
-        try:
-            text = params.grammar or json_schema_to_gbnf(json.dumps(params.json_schema))
-            guard = GrammarGuard(self.model, text, field, self.eog, self.eos, bool(params.ignore_eos))
-        except Exception as exc:
-            raise InvalidRequest(f"{field}: cannot be compiled: {exc}") from None
-        try:
-            guard.check_start()
-        except ValueError as exc:
-            guard.close()
-            raise InvalidRequest(str(exc)) from None
-        return guard
 
     # ---- the engine thread --------------------------------------------------------------------
     def _warm_up(self) -> None:
