@@ -15,9 +15,11 @@ used first); a worker's entries go when it leaves the mesh.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
 
 from velesio.mesh.params import Params, TextParams
+
+# A key's blocks: ((model, chained hash), the block's end in the key), in order.
+Prefixes = list[tuple[tuple[str, int], int]]
 
 BLOCK = 64  # characters per block: a turn's new text is matched to within this much
 MAX_BLOCKS = 200_000  # per router, all models together (a few tens of MB at most)
@@ -43,32 +45,36 @@ class PrefixIndex:
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def _hashes(self, model: str, key: str) -> Iterable[tuple[str, int]]:
+    def prefixes(self, model: str, key: str) -> Prefixes:
+        """``key``'s chained block hashes and where each block ends: computed once per job, then matched and
+        recorded as often as the job is placed."""
+        out: Prefixes = []
         h = 0
         for start in range(0, len(key), self.block):
             h = hash((h, key[start:start + self.block]))
-            yield model, h
+            out.append(((model, h), min(len(key), start + self.block)))
+        return out
 
-    def match(self, model: str, key: str) -> dict[str, int]:
-        """worker name -> how many leading characters of ``key`` it was sent recently."""
+    def match(self, model: str, key: str | Prefixes) -> dict[str, int]:
+        """worker name -> how many leading characters of ``key`` (or of the key of ``prefixes``) it was sent
+        recently."""
         matched: dict[str, int] = {}
         alive: set[str] | None = None
-        for i, h in enumerate(self._hashes(model, key)):
+        for h, end in self.prefixes(model, key) if isinstance(key, str) else key:
             holders = self._blocks.get(h)
             if not holders:
                 break
             alive = set(holders) if alive is None else alive & holders.keys()
             if not alive:
                 break
-            end = min(len(key), (i + 1) * self.block)
             for name in alive:
                 matched[name] = end
         return matched
 
-    def record(self, model: str, key: str, worker: str) -> None:
-        """``worker`` was sent a prompt of ``key``."""
+    def record(self, model: str, key: str | Prefixes, worker: str) -> None:
+        """``worker`` was sent a prompt of ``key`` (or of the key of ``prefixes``)."""
         self._uses += 1
-        for h in self._hashes(model, key):
+        for h, _end in self.prefixes(model, key) if isinstance(key, str) else key:
             holders = self._blocks.get(h)
             if holders is None:
                 holders = self._blocks[h] = {}

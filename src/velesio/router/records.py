@@ -165,7 +165,8 @@ class JobRecord:
         self.priority = priority
         self.weight = weight
         self.queued_at = clock()
-        self.key: str | None = None  # the prompt text cache-aware routing matches (router/affinity.py)
+        # the prompt's block hashes cache-aware routing matches (router/affinity.py); None: not a text job
+        self.prefixes: list[tuple[tuple[str, int], int]] | None = None
         self.refusals = 0  # times a worker answered "busy" (not failures: see Scheduler._refused)
         self.skipped = 0  # jobs placed before it, while it was the head of its queue, for their cache
         self.events = JobEvents()

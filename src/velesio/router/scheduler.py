@@ -163,7 +163,8 @@ class Scheduler:
                            {"queue_depth": len(queue)}, headers={"Retry-After": "2"})
         rec = JobRecord(job, self.clock, tenant=tenant, priority=priority, weight=weight)
         if self.affinity is not None:
-            rec.key = prompt_key(job.op, job.params)
+            key = prompt_key(job.op, job.params)
+            rec.prefixes = None if key is None else self.affinity.prefixes(job.model, key)
         self.jobs[job.id] = rec
         queue.append(rec)
         self._drain(job.model)
@@ -206,8 +207,8 @@ class Scheduler:
                 return
             rec, worker = self._place(model, queue, head, candidates)
             queue.take(rec)
-            if rec.key is not None and self.affinity is not None:
-                self.affinity.record(model, rec.key, worker.name)
+            if rec.prefixes is not None and self.affinity is not None:
+                self.affinity.record(model, rec.prefixes, worker.name)
             self._dispatch(rec, worker)
 
     @staticmethod
@@ -223,9 +224,9 @@ class Scheduler:
     def _cached_on(self, model: str, rec: JobRecord, candidates: list[WorkerState]) -> tuple[WorkerState | None, bool]:
         """(a free worker that holds the longest cached prefix of the job's prompt of all workers, if it is not
         much busier than the least loaded one; whether some worker holds a prefix of it at all)."""
-        if rec.key is None or self.affinity is None:
+        if rec.prefixes is None or self.affinity is None:
             return None, False
-        matched = self.affinity.match(model, rec.key)
+        matched = self.affinity.match(model, rec.prefixes)
         longest = max(matched.values(), default=0)
         if longest < self.affinity.block:
             return None, False
@@ -248,7 +249,7 @@ class Scheduler:
         if anywhere and head.skipped < AFFINITY_SKIPS and not head.job.exclusive:
             for rec in itertools.islice(queue, 1, AFFINITY_WINDOW):
                 assert isinstance(rec, JobRecord)
-                if rec.job.exclusive or rec.key is None:
+                if rec.job.exclusive or rec.prefixes is None:
                     continue
                 able = [w for w in candidates if rec.job.op in w.models[model]["operations"]]
                 worker = self._cached_on(model, rec, able)[0] if able else None
