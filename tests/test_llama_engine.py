@@ -4,6 +4,7 @@ SmolLM2 model: real llama.cpp, small generations, two threads."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 
 import pytest
@@ -61,12 +62,14 @@ class Pieces:
     def __init__(self, n: int = 1):
         self.texts: list[str] = []
         self.tokens: list[int] = []
+        self.probs: list[dict] = []
         self.enough = threading.Event()
         self.n = n
 
-    def __call__(self, text: str, tokens: list[int]) -> None:
+    def __call__(self, text: str, tokens: list[int], probs: list[dict] | None = None) -> None:
         self.texts.append(text)
         self.tokens.extend(tokens)
+        self.probs.extend(probs or [])
         if len(self.texts) >= self.n:
             self.enough.set()
 
@@ -109,14 +112,28 @@ def test_more_jobs_than_sequences_wait_their_turn(engine):
 
 # ---- sampling ------------------------------------------------------------------------------------
 def test_greedy_matches_alone_and_llama_cpp_python(engine, llm):
+    """Alone, a greedy job gives llama-cpp-python's text. In a batch with others it gives the same tokens
+    until, at most, a near tie: a batch of another size takes other matrix kernels, whose last bits differ,
+    and that can flip the choice between two tokens of almost equal probability, never more."""
     n = 24
     prompts = [engine.tokenize(p) for p in PROMPTS]
-    together = [engine.submit(p, greedy(max_tokens=n, cache_prompt=False)) for p in prompts]
+    sinks = [Pieces() for _ in prompts]
+    together = [engine.submit(p, greedy(max_tokens=n, cache_prompt=False, logprobs=2), on_piece=s)
+                for p, s in zip(prompts, sinks, strict=True)]
     together_text = [g.result(WAIT).text for g in together]
-    alone = [engine.submit(p, greedy(max_tokens=n, cache_prompt=False)).result(WAIT).text for p in prompts]
+    alone_sinks = [Pieces() for _ in prompts]
+    alone = [engine.submit(p, greedy(max_tokens=n, cache_prompt=False, logprobs=2), on_piece=s).result(WAIT).text
+             for p, s in zip(prompts, alone_sinks, strict=True)]
     reference = [llm.create_completion(p, max_tokens=n, temperature=0)["choices"][0]["text"] for p in prompts]
-    assert together_text == alone == reference
+    assert alone == reference
     assert all(reference)
+    for batched, single, text, alone_text in zip(sinks, alone_sinks, together_text, alone, strict=True):
+        if text == alone_text:
+            continue
+        split = next(i for i, (a, b) in enumerate(zip(batched.probs, single.probs, strict=True)) if a["id"] != b["id"])
+        first, second = single.probs[split]["top"]
+        assert first["logprob"] - second["logprob"] < 0.1, (text, alone_text)
+        assert batched.probs[split]["id"] == second["id"], (text, alone_text)
 
 
 def test_a_fixed_seed_gives_the_same_text(engine):
@@ -267,7 +284,7 @@ def test_cancel_mid_generation_frees_the_sequence(model_path):
 
 
 def test_an_error_in_one_job_leaves_the_others_running(engine):
-    def explode(text: str, tokens: list[int]) -> None:
+    def explode(text: str, tokens: list[int], probs: list[dict]) -> None:
         raise RuntimeError("the client went away badly")
 
     bad = engine.submit(engine.tokenize(PROMPTS[0]), TextParams(max_tokens=30, ignore_eos=True), on_piece=explode)
@@ -356,3 +373,47 @@ def test_a_grammar_that_cannot_go_on_fails_only_its_job(engine):
     with pytest.raises(InvalidRequest, match="ignore_eos"):
         bad.result(WAIT)
     assert engine.submit(prompt, greedy(max_tokens=2)).result(WAIT).completion_tokens >= 1
+
+
+# ---- token probabilities -----------------------------------------------------------------------
+def test_logprobs_describe_the_models_distribution(engine):
+    """Before the chain (llama.cpp's n_probs): a greedy token is the most likely one, its log-probability is
+    the top alternative's, alternatives come most likely first, and their probabilities add up to at most 1."""
+    sink = Pieces()
+    r = engine.submit(engine.tokenize(PROMPTS[1]), greedy(max_tokens=8, ignore_eos=True, logprobs=5),
+                      on_piece=sink).result(WAIT)
+    assert r.completion_tokens == 8
+    probs = sink.probs
+    assert [p["id"] for p in probs] == sink.tokens
+    for entry in probs:
+        top = entry["top"]
+        assert len(top) == 5
+        assert top[0]["id"] == entry["id"]
+        assert entry["logprob"] == pytest.approx(top[0]["logprob"])
+        lps = [t["logprob"] for t in top]
+        assert lps == sorted(lps, reverse=True)
+        assert all(lp <= 0 for lp in lps)
+        assert sum(math.exp(lp) for lp in lps) <= 1.0 + 1e-6
+        assert entry["bytes"] == entry["token"].encode()
+    assert "".join(p["token"] for p in probs) == r.text
+
+
+def test_post_sampling_probs_are_what_the_chain_left(engine):
+    """After the chain: with top_k 3 at most three candidates are left, renormalised, and the sampled token
+    is one of them."""
+    sink = Pieces()
+    params = TextParams(max_tokens=10, ignore_eos=True, temperature=1.0, top_k=3, top_p=1.0, seed=7,
+                        logprobs=10, post_sampling_probs=True)
+    engine.submit(engine.tokenize(PROMPTS[0]), params, on_piece=sink).result(WAIT)
+    assert len(sink.probs) == 10
+    for entry in sink.probs:
+        top = entry["top"]
+        assert 1 <= len(top) <= 3
+        assert sum(math.exp(t["logprob"]) for t in top) == pytest.approx(1.0, abs=1e-4)
+        assert entry["id"] in [t["id"] for t in top]
+
+
+def test_no_logprobs_unless_asked(engine):
+    sink = Pieces()
+    engine.submit(engine.tokenize(PROMPTS[0]), greedy(max_tokens=4, ignore_eos=True), on_piece=sink).result(WAIT)
+    assert sink.probs == [] and len(sink.tokens) == 4

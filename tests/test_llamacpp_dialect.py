@@ -161,7 +161,7 @@ def test_error_before_the_first_piece_is_an_http_status(mesh):
     ({"prompt": "x", "n_predict": 2, "temperature": "hot"}, "temperature"),
     ({"prompt": "x", "n_predict": -2}, "n_predict"),
     ({"prompt": ["one", "two"], "n_predict": 2}, "prompt"),
-    ({"prompt": "x", "n_predict": 2, "n_probs": 3}, "n_probs"),
+    ({"prompt": "x", "n_predict": 2, "n_probs": 1000}, "n_probs"),
     ({"prompt": "x", "n_predict": 2, "grammar": "root ::= \"a\"", "json_schema": {"type": "object"}}, "grammar"),
     ({"n_predict": 2}, "prompt"),
 ])

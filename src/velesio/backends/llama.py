@@ -299,10 +299,15 @@ class LlamaCppBackend(Backend):
             return self._contexts.generate(ids, p, ctx, extra_stops)
         assert self._engine is not None
         produced: list[int] = []
+        probs: list[dict[str, Any]] = []
 
-        def on_piece(text: str, tokens: list[int]) -> None:  # on the engine's thread
+        def on_piece(text: str, tokens: list[int], token_probs: list[dict[str, Any]]) -> None:  # engine thread
             produced.extend(tokens)
-            ctx.emit({"text": text, "tokens": tokens})
+            if token_probs:
+                probs.extend(token_probs)
+                ctx.emit({"text": text, "tokens": tokens, "probs": token_probs})
+            else:
+                ctx.emit({"text": text, "tokens": tokens})
 
         gen = self._engine.submit(ids, p, on_piece=on_piece, cancelled=lambda: ctx.cancelled, extra_stops=extra_stops)
         try:
@@ -311,6 +316,7 @@ class LlamaCppBackend(Backend):
             gen.cancel()
             raise
         result.tokens = produced
+        result.probs = probs
         return result
 
     def close(self) -> None:

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from typing import Any, TypeVar, cast
 
 __all__ = [
+    "LOGPROB_FLOOR",
+    "MAX_PROBS",
     "MAX_TOKENS",
     "DetokenizeParams",
     "DetokenizeResult",
@@ -39,6 +41,8 @@ __all__ = [
 ]
 
 MAX_TOKENS = 32768  # the most tokens one text job may ask for (max_tokens / n_predict), in every dialect
+MAX_PROBS = 100  # the most alternatives per token a job may ask log-probabilities of (TextParams.logprobs)
+LOGPROB_FLOOR = -9999.0  # the log-probability of a token the sampler chain gave no chance (OpenAI's value)
 
 
 def _list() -> Any:
@@ -79,6 +83,11 @@ class TextParams:
     json_schema: dict[str, Any] | None = None
     cache_prompt: bool = True  # reuse the KV cache of a common prompt prefix (a fixed seed is reproducible
     #                            only without it)
+    # Token log-probabilities: None none; n >= 0 each generated token's and its n most likely alternatives'
+    # (at most MAX_PROBS). Before the sampler chain (the model's distribution, as llama.cpp's n_probs), or
+    # after it with post_sampling_probs (what the chain left, renormalised).
+    logprobs: int | None = None
+    post_sampling_probs: bool = False
     resume_text: str = ""  # text an earlier attempt already streamed (failover): continue after it
 
 
@@ -163,6 +172,9 @@ class TextResult:
     completion_tokens: int = 0
     tokens_cached: int = 0
     tokens: list[int] = _list()  # the reply's token ids, where the backend knows them (else empty)
+    # With params.logprobs: one entry per token of the reply, {"id", "token" (its text), "bytes", "logprob",
+    # "top": [{"id", "token", "bytes", "logprob"}, ... most likely first]}; see TOKEN_PROB in docs/plugins.md
+    probs: list[dict[str, Any]] = _list()
     seed: int | None = None  # the seed sampling used
     prompt_ms: float = 0.0
     predicted_ms: float = 0.0

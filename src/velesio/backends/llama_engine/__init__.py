@@ -5,7 +5,7 @@ Import it inside a backend's ``load()``, not at module level (it imports llama_c
 
 ```python
 engine = Engine(path, n_ctx=2048, n_seq=4, n_threads=4)
-gen = engine.submit(engine.tokenize(prompt), TextParams(max_tokens=64), on_piece=lambda text, ids: ...)
+gen = engine.submit(engine.tokenize(prompt), TextParams(max_tokens=64), on_piece=lambda text, ids, probs: ...)
 result = gen.result()  # a TextResult; gen.tokens_cached: prompt tokens the prefix cache supplied
 engine.close()
 ```

@@ -5,6 +5,7 @@ See the package docstring for the design; this module is the context and the ste
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import random
@@ -22,7 +23,7 @@ from velesio.backends.grammar_guard import guard_for
 from velesio.backends.llama_engine.cache import Slot, pick_slot
 from velesio.backends.llama_engine.jobs import EngineClosed, Generation, OnPiece, Run
 from velesio.backends.llama_engine.sampling import PieceDecoder, Sampler
-from velesio.mesh.params import TextParams, TextResult
+from velesio.mesh.params import LOGPROB_FLOOR, TextParams, TextResult
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class Engine:
         self.eos = int(llama_cpp.llama_vocab_eos(self.vocab))
         self.eog = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
         self._eog = frozenset(self.eog)
+        self._pieces: dict[int, bytes] = {}  # token -> its bytes with special tokens rendered (probabilities)
         self._mem = llama_cpp.llama_get_memory(self.ctx)
         self._model_lock = threading.Lock()  # tokenize, grammars (other threads) against freeing the model
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
@@ -122,9 +124,11 @@ class Engine:
                cancelled: Callable[[], bool] | None = None, extra_stops: Sequence[str] = ()) -> Generation:
         """Queue a job; returns at once with its handle.
 
-        ``on_piece(text, tokens)`` is called on the engine thread for each piece of text that is safe to show
-        (a possible stop string is held back, an incomplete character too) with the tokens sampled since the
-        previous piece: keep it quick, it holds up every sequence. ``cancelled()`` is polled once per step.
+        ``on_piece(text, tokens, probs)`` is called on the engine thread for each piece of text that is safe
+        to show (a possible stop string is held back, an incomplete character too) with the tokens sampled
+        since the previous piece and, when ``params.logprobs`` is set, their probabilities (one entry per
+        token, the shape of ``TextResult.probs``): keep it quick, it holds up every sequence. ``cancelled()``
+        is polled once per step.
         ``extra_stops`` are stop strings besides ``params.stop`` (a chat template's). Raises
         ``ContextExceeded`` for a prompt that does not fit a sequence's context, ``InvalidRequest`` for an
         empty prompt, unknown token ids or a grammar that cannot be used, ``EngineClosed`` after close()."""
@@ -389,6 +393,7 @@ class Engine:
     def _advance(self, run: Run, row: int) -> None:
         """Sample the run's next token from ``row`` and deliver what it adds to the text."""
         token = run.sampler.sample(self.ctx, row)
+        probs = self._token_probs(run, row, token) if run.gen.params.logprobs is not None else None
         now = time.perf_counter()
         if run.t_first is None:
             run.t_first = now
@@ -402,6 +407,8 @@ class Engine:
             self._finish(run, "stop", "eos")
             return
         run.unsent.append(token)
+        if probs is not None:
+            run.unsent_probs.append(probs)
         text = run.decoder.feed(token)
         if text:
             self._deliver(run, run.matcher.feed(text))
@@ -417,8 +424,54 @@ class Engine:
             return
         run.parts.append(text)
         tokens, run.unsent = run.unsent, []
+        probs, run.unsent_probs = run.unsent_probs, []
         if run.gen._on_piece is not None:
-            run.gen._on_piece(text, tokens)
+            run.gen._on_piece(text, tokens, probs)
+
+    # ---- token probabilities ------------------------------------------------------------------
+    def _token_probs(self, run: Run, row: int, token: int) -> dict[str, Any]:
+        """The sampled ``token``'s log-probability and its ``params.logprobs`` most likely alternatives:
+        under the model's distribution at ``row`` (llama.cpp's n_probs), or, with ``post_sampling_probs``,
+        among the candidates the sampler chain left."""
+        n = max(0, int(run.gen.params.logprobs or 0))
+        candidates = run.sampler.candidates
+        if candidates is not None:
+            ids, p = candidates
+            with np.errstate(divide="ignore"):
+                logp = np.log(p)
+            hit = np.flatnonzero(ids == token)
+            chosen = float(logp[hit[0]]) if hit.size else LOGPROB_FLOOR
+            top = [(int(ids[i]), float(logp[i])) for i in range(min(n, len(ids)))]
+        else:
+            logits = llama_cpp.llama_get_logits_ith(self.ctx, row)
+            x = np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).astype(np.float64)
+            peak = x.max()
+            log_total = peak + np.log(np.exp(x - peak).sum())
+            chosen = float(x[token] - log_total)
+            top = []
+            if n:
+                k = min(n, self.n_vocab)
+                best = np.argpartition(-x, k - 1)[:k]
+                best = best[np.argsort(-x[best], kind="stable")]
+                top = [(int(t), float(x[t] - log_total)) for t in best]
+        return {**self._token_entry(token, chosen),
+                "top": [self._token_entry(t, lp) for t, lp in top]}
+
+    def _token_entry(self, token: int, logprob: float) -> dict[str, Any]:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._piece_bytes(token)
+            self._pieces[token] = piece
+        value = logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR  # never -inf or NaN on the wire
+        return {"id": token, "token": piece.decode(errors="replace"), "bytes": piece, "logprob": value}
+
+    def _piece_bytes(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[:max(0, n)]
 
     def _finish(self, run: Run, finish: str, stop_type: str) -> None:
         end = time.perf_counter()
@@ -427,6 +480,11 @@ class Engine:
             if run.matcher.stopped is not None:
                 finish, stop_type = "stop", "word"
             self._deliver(run, rest + run.matcher.flush())
+        if run.unsent and stop_type != "word" and run.gen._on_piece is not None:
+            # tokens that added no text (special tokens): their ids and probabilities still belong to the
+            # reply (a stop string's tokens do not: they are cut, as its text is)
+            run.gen._on_piece("", run.unsent, run.unsent_probs)
+            run.unsent, run.unsent_probs = [], []
         first = run.t_first or end
         result = TextResult.timed(
             text="".join(run.parts), finish_reason=finish, stop_type=stop_type,

@@ -18,7 +18,8 @@ from velesio.mesh.params import TextParams, TextResult
 if TYPE_CHECKING:
     from velesio.backends.llama_engine.engine import Engine
 
-OnPiece = Callable[[str, list[int]], None]
+# (text, its tokens, their probabilities: one dict per token when the job asked for them, else empty)
+OnPiece = Callable[[str, list[int], list[dict[str, Any]]], None]
 
 
 class EngineClosed(BackendError):
@@ -105,5 +106,6 @@ class Run:
         self.matcher = StopMatcher([*gen.params.stop, *gen._stops])
         self.parts: list[str] = []
         self.unsent: list[int] = []  # tokens sampled since the last piece delivered
+        self.unsent_probs: list[dict[str, Any]] = []  # and their probabilities (params.logprobs)
         self.t_start = time.perf_counter()
         self.t_first: float | None = None

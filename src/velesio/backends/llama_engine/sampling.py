@@ -85,7 +85,10 @@ class Sampler:
         self.n_vocab = n_vocab
         self._last_n = n_ctx if params.repeat_last_n < 0 else params.repeat_last_n
         self._history: list[int] = []  # prompt + sampled tokens, for the guard (which counts what is new)
-        if guard is not None:
+        # post_sampling_probs: after each sample, the (ids, probabilities) the chain left, most likely first
+        self.keep_candidates = params.logprobs is not None and params.post_sampling_probs
+        self.candidates: tuple[np.ndarray, np.ndarray] | None = None
+        if guard is not None or self.keep_candidates:
             self._data = np.zeros(n_vocab, dtype=_TOKEN_DATA)
             self._ids = np.arange(n_vocab, dtype=np.intc)
 
@@ -99,13 +102,14 @@ class Sampler:
 
     def sample(self, ctx: int, idx: int) -> int:
         """Sample (and accept) the next token from the logits of batch row ``idx``."""
-        if self.guard is None:
+        if self.guard is None and not self.keep_candidates:
             return int(llama_cpp.llama_sampler_sample(self.chain, ctx, idx))
         logits = llama_cpp.llama_get_logits_ith(ctx, idx)
         if not logits:
             raise RuntimeError(f"llama.cpp has no logits for batch row {idx}")
         scores = np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).copy()
-        scores = self.guard(self._history, scores)  # type: ignore[arg-type]  # it reads len() and slices
+        if self.guard is not None:
+            scores = self.guard(self._history, scores)  # type: ignore[arg-type]  # it reads len() and slices
         data = self._data
         data["id"] = self._ids
         data["logit"] = scores
@@ -116,9 +120,34 @@ class Sampler:
         if not 0 <= array.selected < array.size:
             raise RuntimeError("the sampler chain selected no token")
         token = int(array.data[array.selected].id)
+        if self.keep_candidates:
+            self.candidates = self._left(array)
         llama_cpp.llama_sampler_accept(self.chain, token)
-        self._history.append(token)
+        if self.guard is not None:
+            self._history.append(token)
         return token
+
+    @staticmethod
+    def _left(array: llama_cpp.llama_token_data_array) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, probabilities) of the candidates the chain left in ``array``, most likely first. The chain's
+        last sampler set the probabilities (a random draw normalises what is left); greedy sets none, so
+        then they are the softmax of what is left."""
+        size = int(array.size)
+        raw = np.ctypeslib.as_array(ctypes.cast(array.data, ctypes.POINTER(ctypes.c_ubyte)),
+                                    shape=(size * _TOKEN_DATA.itemsize,))
+        left = raw.view(_TOKEN_DATA)
+        ids = left["id"].astype(np.intc)
+        p = left["p"].astype(np.float64)
+        total = float(p.sum())
+        if not 0.99 < total < 1.01:
+            logits = left["logit"].astype(np.float64)
+            finite = np.isfinite(logits)
+            p = np.zeros(size)
+            if finite.any():
+                e = np.exp(logits[finite] - logits[finite].max())
+                p[finite] = e / e.sum()
+        order = np.argsort(-p, kind="stable")
+        return ids[order], p[order]
 
     def close(self) -> None:
         if self.chain:

@@ -15,7 +15,8 @@ token-array prompt is answered here, in llama.cpp's shapes:
   ``samplers``, ``n_indent``, ``lora`` ...; ``logit_bias`` (list or object form, ``false`` bans) is
   honoured; ``return_tokens`` puts the token ids in
   ``tokens`` (of each stream event, and of the whole reply; llama.cpp leaves them empty otherwise);
-  ``n_probs`` > 0 is refused with 400 (no token probabilities);
+  ``n_probs`` > 0 (at most ``MAX_PROBS``) adds ``completion_probabilities`` (dialects/logprobs.py) to the
+  reply and to each stream event, before the sampler chain unless ``post_sampling_probs``;
 - a stream is one ``data: {...}\\n\\n`` event per HTTP chunk, no comments and no ``[DONE]``; the last event
   has ``content: ""`` and ``stop: true``; an error mid-stream is one ``data: {"error": {...}}`` event;
 - errors have llama.cpp's shape ``{"error": {"code": <int HTTP status>, "message", "type"}}``.
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from velesio.mesh.jobs import Job
-from velesio.mesh.params import MAX_TOKENS, TextParams, TextResult
+from velesio.mesh.params import MAX_PROBS, MAX_TOKENS, TextParams, TextResult
 
 from ...errors import ApiError, invalid
 from ...validation import (
@@ -41,6 +42,7 @@ from ...validation import (
     get_stop,
     get_str,
 )
+from .. import logprobs
 
 # Fields that only llama.cpp's /completion knows; any of them selects this dialect.
 LLAMACPP_FIELDS = frozenset({
@@ -158,8 +160,7 @@ def parse(body: dict[str, Any], prompt: str | None = None) -> Job:
     n_predict = get_int(body, "n_predict", None, lo=-1, hi=MAX_TOKENS)
     if n_predict is None:  # llama.cpp also reads max_tokens
         n_predict = get_int(body, "max_tokens", DEFAULTS["max_tokens"], lo=-1, hi=MAX_TOKENS)
-    if get_int(body, "n_probs", 0) > 0:
-        raise invalid("n_probs", "token probabilities are not supported")
+    n_probs = max(0, get_int(body, "n_probs", 0, hi=MAX_PROBS))  # llama.cpp reads a negative count as none
     grammar = get_str(body, "grammar", None) or None
     if grammar:
         check_grammar(grammar)
@@ -174,7 +175,8 @@ def parse(body: dict[str, Any], prompt: str | None = None) -> Job:
     fields: dict[str, Any] = {**DEFAULTS, "prompt": prompt, "max_tokens": n_predict, "stop": get_stop(body),
                               "seed": _seed(body), "ignore_eos": get_bool(body, "ignore_eos"), "grammar": grammar,
                               "json_schema": schema if isinstance(schema, dict) else None,
-                              "logit_bias": get_logit_bias(body)}
+                              "logit_bias": get_logit_bias(body), "logprobs": n_probs or None,
+                              "post_sampling_probs": get_bool(body, "post_sampling_probs")}
     for name, value in body.items():  # a request names a few of the sampling fields; the others keep defaults
         read = SAMPLING.get(name)
         if read is not None and value is not None:
@@ -236,7 +238,8 @@ def generation_settings(params: TextParams, n_ctx: int, model: str, *, seed: int
         "n_keep": 0,
         "ignore_eos": params.ignore_eos,
         "stream": stream,
-        "n_probs": 0,
+        "n_probs": params.logprobs or 0,
+        "post_sampling_probs": params.post_sampling_probs,
         "grammar": params.grammar or "",
         "json_schema": params.json_schema,
     }
@@ -311,6 +314,8 @@ class LlamaCppText:
             "stopped_word": stop_type == "word",
             "stopped_limit": stop_type == "limit",
         }
+        if self.params.logprobs and not self.job.stream:
+            out["completion_probabilities"] = logprobs.llamacpp(result.probs, self.params.post_sampling_probs)
         return _pick(out, self.fields) if self.fields else out
 
     def render(self, result: TextResult) -> dict[str, Any]:
@@ -326,9 +331,12 @@ class LlamaCppText:
         tokens = [t for t in chunk.get("tokens") or () if isinstance(t, int)]
         self.pieces += max(1, len(tokens))
         # tokens_evaluated is only known at the end; partials report 0 (the final event has the count)
-        return [{"index": 0, "content": text, "tokens": tokens if self.return_tokens else [], "stop": False,
-                 "id_slot": -1,
-                 "tokens_predicted": self.pieces, "tokens_evaluated": 0}]
+        event = {"index": 0, "content": text, "tokens": tokens if self.return_tokens else [], "stop": False,
+                 "id_slot": -1, "tokens_predicted": self.pieces, "tokens_evaluated": 0}
+        if self.params.logprobs:
+            event["completion_probabilities"] = logprobs.llamacpp(chunk.get("probs"),
+                                                                  self.params.post_sampling_probs)
+        return [event]
 
     def end(self, result: TextResult) -> list[dict[str, Any]]:
         return [self._final(result, "")]
