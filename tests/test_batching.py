@@ -120,6 +120,8 @@ def test_return_tokens_gives_the_ids_of_the_reply(batched):
     whole = batched.post("/completion", body).json()
     assert whole["tokens"] == ids and whole["content"] == streamed["text"]
     assert batched.post("/completion", greedy("the harbour", 12)).json()["tokens"] == []  # not asked: empty
+    unasked = stream(batched, greedy("the harbour", 12))  # stream events carry their ids all the same
+    assert [t for e in unasked["events"][:-1] for t in e["tokens"]] == ids
 
 
 def test_logit_bias_bans_and_forces_tokens(batched):

@@ -346,6 +346,14 @@ def test_pick_slot_prefers_the_longest_prefix_then_lru():
     assert pick_slot([a, b, c], [1, 2, 3, 4], reuse=True) == (a, 3)  # one token is left to evaluate
     assert pick_slot([a, b, c], [7, 8], reuse=True) == (b, 0)  # nothing shared: least recently used
     assert pick_slot([a, b, c], [1, 2, 3, 4, 5], reuse=False) == (b, 0)
+    # another conversation that shares only a beginning with a cached one evicts the LRU slot instead
+    system, talk = list(range(100, 140)), list(range(200, 240))
+    d, e = Slot(3, system + talk, last_used=5), Slot(4, system + [7] * 20, last_used=4)
+    new_talk = system + list(range(300, 320))
+    assert pick_slot([d, e], new_talk, reuse=True) == (e, 40)  # LRU, keeping what it shares
+    assert pick_slot([d, e, Slot(5)], new_talk, reuse=True)[0].seq_id == 5  # an empty slot first
+    assert pick_slot([d, e], system + talk + [1, 2, 3], reuse=True) == (d, 80)  # the next turn: its own
+    assert pick_slot([d, e], system + talk[:-2], reuse=True) == (d, 77)  # a regenerated turn: its own
     a.busy = b.busy = c.busy = True
     assert pick_slot([a, b, c], [1], reuse=True) is None
     assert common_prefix(list(range(200)), [*range(150), 7]) == 150
@@ -417,3 +425,18 @@ def test_no_logprobs_unless_asked(engine):
     sink = Pieces()
     engine.submit(engine.tokenize(PROMPTS[0]), greedy(max_tokens=4, ignore_eos=True), on_piece=sink).result(WAIT)
     assert sink.probs == [] and len(sink.tokens) == 4
+
+
+def test_cache_sequences_keep_more_conversations_than_run(llm):
+    """Two jobs run at once, four sequences keep prompts: four conversations all find their prefix again."""
+    with Engine(llm, n_ctx=256, n_seq=4, n_running=2, n_batch=64, n_threads=THREADS, flash_attn=False) as eng:
+        prompts = [eng.tokenize(CHAT.format(f"Tell me about the number {i}, at length.")) for i in range(4)]
+        first = [eng.submit(p, greedy(max_tokens=24, ignore_eos=True)) for p in prompts]
+        peak = 0
+        while not all(g.done() for g in first):
+            peak = max(peak, eng.running)
+        assert peak <= 2
+        assert all(g.result(WAIT).tokens_cached < len(p) - 8 for g, p in zip(first, prompts, strict=True))
+        again = [eng.submit(p + eng.tokenize(" More.", add_bos=False), greedy(max_tokens=2)).result(WAIT)
+                 for p in prompts]
+        assert all(r.tokens_cached >= len(p) - 1 for r, p in zip(again, prompts, strict=True))

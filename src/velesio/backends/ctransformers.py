@@ -201,7 +201,7 @@ class CTransformersBackend(Backend):
 
     def _generate(self, op: str, p: TextParams, ctx: JobContext) -> TextResult:
         if p.logprobs is not None:
-            raise NotSupported(f"backend {self.name} does not report token probabilities")
+            raise InvalidRequest(f"backend {self.name} does not report token probabilities")
         stops = [s for s in p.stop if isinstance(s, str) and s]
         prompt: Any
         if op == "chat":

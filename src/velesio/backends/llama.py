@@ -148,7 +148,13 @@ class LlamaCppBackend(Backend):
             from velesio.backends.llama_engine import Engine
 
             flash = opts.get("flash_attn")  # None: llama.cpp decides (as its server does)
-            self._engine = Engine(path, n_ctx=n_ctx, n_seq=slots, n_batch=max(n_batch, slots), n_threads=n_threads,
+            # options.cache_sequences: sequences beyond the slots that only keep finished conversations' KV
+            # as prefix cache (each costs a sequence's KV memory; see docs/plugins.md)
+            cached = int(opts.get("cache_sequences", 0))
+            if not 0 <= cached <= 256:
+                raise ValueError(f"options.cache_sequences of model {self.config.name}: 0 to 256, not {cached}")
+            self._engine = Engine(path, n_ctx=n_ctx, n_seq=slots + cached, n_running=slots,
+                                  n_batch=max(n_batch, slots), n_threads=n_threads,
                                   n_threads_batch=n_threads_batch,
                                   n_gpu_layers=0x7FFFFFFF if n_gpu_layers < 0 else n_gpu_layers,
                                   flash_attn=None if flash is None else bool(flash), verbose=verbose)

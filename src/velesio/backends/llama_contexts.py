@@ -61,7 +61,7 @@ class ContextPool:
     def generate(self, prompt_ids: list[int], p: TextParams, ctx: JobContext,
                  extra_stops: Sequence[str] = ()) -> TextResult:
         if p.logprobs is not None:
-            raise NotSupported("token probabilities need the batching engine (options.engine: batched)")
+            raise InvalidRequest("token probabilities need the batching engine (options.engine: batched)")
         llm = self._pool.get()
         try:
             return self._generate(llm, prompt_ids, p, ctx, extra_stops)

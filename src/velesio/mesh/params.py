@@ -173,7 +173,7 @@ class TextResult:
     tokens_cached: int = 0
     tokens: list[int] = _list()  # the reply's token ids, where the backend knows them (else empty)
     # With params.logprobs: one entry per token of the reply, {"id", "token" (its text), "bytes", "logprob",
-    # "top": [{"id", "token", "bytes", "logprob"}, ... most likely first]}; see TOKEN_PROB in docs/plugins.md
+    # "top": [{"id", "token", "bytes", "logprob"}, ... most likely first]} (docs/plugins.md, "Results")
     probs: list[dict[str, Any]] = _list()
     seed: int | None = None  # the seed sampling used
     prompt_ms: float = 0.0

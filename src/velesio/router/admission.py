@@ -8,9 +8,9 @@ from typing import Any
 
 from aiohttp import web
 
-from velesio.mesh.jobs import Job
+from velesio.mesh.jobs import Job, new_job_id
 from velesio.mesh.limits import ParamError, check_image, image_limits
-from velesio.mesh.params import ImageParams, TemplateParams, TextParams
+from velesio.mesh.params import ImageParams, Params, TemplateParams, TextParams
 
 from . import aliases
 from .errors import ApiError, context_exceeded
@@ -113,3 +113,16 @@ def check(admitted: Admitted) -> None:
             "context_exceeded", f"the prompt is {chars} characters, more than model '{job.model}' can take in "
             f"its context of {n_ctx} tokens", {"n_ctx": n_ctx, "n_prompt_tokens": chars // MAX_CHARS_PER_TOKEN},
             param="prompt"))
+
+
+def siblings(admitted: Admitted, params: list[Params]) -> list[Admitted]:
+    """One admitted job per entry of ``params``, for a request that asks for several (``n`` > 1, a list of
+    prompts): the first is ``admitted`` with ``params[0]``, the others copies of its job with a new id. Each
+    is checked against the model; they share the request's place in the queues."""
+    out = []
+    for i, p in enumerate(params):
+        job = dataclasses.replace(admitted.job, params=p, id=admitted.job.id if i == 0 else new_job_id())
+        sibling = dataclasses.replace(admitted, job=job)
+        check(sibling)
+        out.append(sibling)
+    return out

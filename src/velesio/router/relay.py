@@ -10,6 +10,7 @@ written as soon as it arrives, so time to first token is unchanged; only the hea
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, Protocol
 
@@ -105,6 +106,17 @@ async def result_of(request: web.Request, admitted: Admitted) -> Result:
             request.app[SCHEDULER].cancel(rec)
 
 
+async def _open_stream(request: web.Request, job_id: str, first: list[dict[str, Any]]) -> web.StreamResponse:
+    """Send a stream's status line and headers, then its ``first`` events."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no", "X-Request-Id": job_id,
+                                           **request.get(RATE_HEADERS, {})})
+    await response.prepare(request)
+    for event in first:
+        await response.write(sse(event))
+    return response
+
+
 async def respond(request: web.Request, admitted: Admitted, renderer: Renderer) -> web.StreamResponse:
     job = admitted.job
     if not job.stream:
@@ -116,12 +128,7 @@ async def respond(request: web.Request, admitted: Admitted, renderer: Renderer) 
         kind, payload = await rec.events.get()  # the first piece, or the end: an error is still an HTTP status
         if kind == "error":
             raise _job_error(admitted, payload)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                               "X-Accel-Buffering": "no", "X-Request-Id": job.id,
-                                               **request.get(RATE_HEADERS, {})})
-        await response.prepare(request)
-        for event in renderer.start():
-            await response.write(sse(event))
+        response = await _open_stream(request, job.id, renderer.start())
         while True:
             if kind == "partial":
                 events = renderer.chunk(payload)
@@ -142,4 +149,79 @@ async def respond(request: web.Request, admitted: Admitted, renderer: Renderer) 
     finally:
         if not rec.done:
             scheduler.cancel(rec)
+    return response
+
+
+# ---- several jobs for one request ---------------------------------------------------------------------
+class ChoicesRenderer(Protocol):
+    """How a dialect answers a request that became several jobs (``n`` > 1, a list of prompts): job ``i``'s
+    events and result go to it with ``i``; ``finish`` adds what follows them all (a usage chunk)."""
+
+    done_marker: bool
+
+    def render(self, results: list[Any]) -> Any: ...
+    def start(self) -> list[dict[str, Any]]: ...
+    def chunk(self, i: int, chunk: dict[str, Any]) -> list[dict[str, Any]]: ...
+    def end(self, i: int, result: Any) -> list[dict[str, Any]]: ...
+    def finish(self, results: list[Any]) -> list[dict[str, Any]]: ...
+    def error(self, err: ApiError) -> list[dict[str, Any]]: ...
+
+
+async def respond_choices(request: web.Request, admitted: list[Admitted],
+                          renderer: ChoicesRenderer) -> web.StreamResponse:
+    """Run several admitted jobs of one request side by side and answer them as one response: whole, or one
+    SSE stream whose events interleave as the jobs produce them. The first error ends the request (the other
+    jobs are cancelled): before the stream starts it is the HTTP status, after it an error event."""
+    scheduler = request.app[SCHEDULER]
+    recs = [_submit(request, a) for a in admitted]
+    merged: asyncio.Queue[tuple[int, str, Any]] = asyncio.Queue()
+
+    async def forward(i: int, rec: JobRecord) -> None:
+        while True:
+            kind, payload = await rec.events.get()
+            await merged.put((i, kind, payload))
+            if kind != "partial":
+                return
+
+    forwarders = [asyncio.create_task(forward(i, rec)) for i, rec in enumerate(recs)]
+    results: list[Any] = [None] * len(recs)
+    left = len(recs)
+    response: web.StreamResponse | None = None
+    try:
+        while left:
+            i, kind, payload = await merged.get()
+            if kind == "error":
+                err = _job_error(admitted[i], payload)
+                if response is None:
+                    raise err
+                for event in renderer.error(err):
+                    await response.write(sse(event))
+                break
+            if kind == "final":
+                results[i] = _result(recs[i], payload)
+                left -= 1
+            if not admitted[0].job.stream:
+                continue
+            if response is None:
+                response = await _open_stream(request, admitted[0].job.id, renderer.start())
+            events = renderer.chunk(i, payload) if kind == "partial" else renderer.end(i, results[i])
+            for event in events:
+                await response.write(sse(event))
+        if response is None:
+            return json_response(renderer.render(results), headers={"X-Request-Id": admitted[0].job.id})
+        if not left:
+            for event in renderer.finish(results):
+                await response.write(sse(event))
+            if renderer.done_marker:
+                await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+    except (ConnectionResetError, ConnectionError):
+        pass  # the client is gone; the finally clause cancels the jobs
+    finally:
+        for task in forwarders:
+            task.cancel()
+        for rec in recs:
+            if not rec.done:
+                scheduler.cancel(rec)
+    assert response is not None
     return response

@@ -27,6 +27,7 @@ INT_MIN, INT_MAX = -(2**63), 2**64 - 1
 # A field that names no bound of its own is held to a signed 64-bit integer.
 INT64_MAX = 2**63 - 1
 _LONG_NUMBER = re.compile(rb"[0-9]{19}")  # an integer of 19 digits or more may not fit in 64 bits
+MAX_TOOL_CALLS = 128  # tool calls of one assistant message in a chat history
 
 
 # Set on a request whose body could not be read: nothing reads it again (an error's dialect is then the route's).
@@ -175,7 +176,72 @@ def get_stop(body: dict, name: str = "stop") -> list[str]:
     return [s for s in value if s]
 
 
-def get_messages(body: dict, name: str = "messages") -> list[dict[str, str]]:
+_ROLES = ("system", "user", "assistant", "developer", "tool", "function")
+
+
+def _text_content(content: Any, where: str) -> str:
+    """A message's content as text: a string, OpenAI's text content parts joined, or "" for null."""
+    if content is None:
+        return ""
+    if isinstance(content, list):  # OpenAI content parts: keep the text parts
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise invalid(where, "only text content parts are supported")
+            texts.append(part["text"])
+        return "".join(texts)
+    if not isinstance(content, str):
+        raise invalid(where, "must be a string")
+    return content
+
+
+def _tool_call(call: Any, where: str) -> dict[str, str]:
+    """One of an assistant message's ``tool_calls`` as ``{"id", "name", "arguments"}`` (arguments the JSON
+    text OpenAI sends; an object is accepted and written as JSON). The dialect renders it into the prompt."""
+    if not isinstance(call, dict) or call.get("type", "function") != "function" or not isinstance(
+            call.get("function"), dict):
+        raise invalid(where, 'must be {"id", "type": "function", "function": {"name", "arguments"}}')
+    function = call["function"]
+    name, arguments = function.get("name"), function.get("arguments")
+    if not isinstance(name, str) or not name:
+        raise invalid(f"{where}.function.name", "must be a non-empty string")
+    if arguments is None or isinstance(arguments, dict):
+        arguments = json.dumps(arguments or {}, ensure_ascii=False)
+    if not isinstance(arguments, str):
+        raise invalid(f"{where}.function.arguments", "must be a string of JSON")
+    call_id = call.get("id", "")
+    if not isinstance(call_id, str):
+        raise invalid(f"{where}.id", "must be a string")
+    return {"id": call_id, "name": name, "arguments": arguments}
+
+
+def _tool_fields(msg: dict, role: str, where: str) -> dict[str, Any]:
+    """The tool-calling fields of a message: an assistant's ``tool_calls`` (or the legacy ``function_call``),
+    a ``tool`` (or legacy ``function``) result's ``tool_call_id`` and ``name``."""
+    out: dict[str, Any] = {}
+    if role == "assistant":
+        calls = msg.get("tool_calls")
+        if msg.get("function_call") is not None and calls is None:  # the legacy form of one call
+            calls = [{"type": "function", "function": msg["function_call"]}]
+        if calls is not None:
+            if not isinstance(calls, list) or len(calls) > MAX_TOOL_CALLS:
+                raise invalid(f"{where}.tool_calls", f"must be an array of at most {MAX_TOOL_CALLS} tool calls")
+            out["tool_calls"] = [_tool_call(c, f"{where}.tool_calls[{i}]") for i, c in enumerate(calls)]
+    elif role in ("tool", "function"):
+        for key in ("tool_call_id", "name"):
+            value = msg.get(key)
+            if value is not None and not isinstance(value, str):
+                raise invalid(f"{where}.{key}", "must be a string")
+            if value:
+                out[key] = value
+    return out
+
+
+def get_messages(body: dict, name: str = "messages", *, tool_fields: bool = False) -> list[dict[str, Any]]:
+    """``messages`` as ``[{"role", "content"}]``, content a string. With ``tool_fields`` an assistant
+    message keeps its ``tool_calls`` (content may then be null) and a ``tool`` message its ``tool_call_id``
+    and ``name``, for the OpenAI dialect to render into the prompt; without, they are dropped. ``developer``
+    is ``system``; the legacy ``function`` role is ``tool``."""
     value = body.get(name)
     if value is None:
         raise invalid(name, "is required")
@@ -183,24 +249,17 @@ def get_messages(body: dict, name: str = "messages") -> list[dict[str, str]]:
         raise invalid(name, "must be a non-empty array of {role, content} objects")
     messages = []
     for i, msg in enumerate(value):
+        where = f"{name}[{i}]"
         if not isinstance(msg, dict):
-            raise invalid(f"{name}[{i}]", "must be an object with role and content")
+            raise invalid(where, "must be an object with role and content")
         role = msg.get("role")
-        if role not in ("system", "user", "assistant", "developer", "tool"):
-            raise invalid(f"{name}[{i}].role", "must be one of system, user, assistant")
-        content = msg.get("content")
-        if content is None:
-            content = ""
-        if isinstance(content, list):  # OpenAI content parts: keep the text parts
-            texts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise invalid(f"{name}[{i}].content", "only text content parts are supported")
-                texts.append(part["text"])
-            content = "".join(texts)
-        if not isinstance(content, str):
-            raise invalid(f"{name}[{i}].content", "must be a string")
-        messages.append({"role": "system" if role == "developer" else role, "content": content})
+        if role not in _ROLES:
+            raise invalid(f"{where}.role", "must be one of system, user, assistant, developer, tool")
+        out: dict[str, Any] = {"role": {"developer": "system", "function": "tool"}.get(role, role),
+                               "content": _text_content(msg.get("content"), f"{where}.content")}
+        if tool_fields:
+            out.update(_tool_fields(msg, role, where))
+        messages.append(out)
     return messages
 
 

@@ -38,19 +38,32 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+# A sequence whose cached tokens a new prompt shares only in part is another conversation's (they share a
+# system prompt, say): the new job takes it only when that costs at most this many of its cached tokens, or
+# when the prompt is (almost) all in it (a regenerated or shortened turn: what it held is being replaced).
+KEEP_OTHERS = 16
+ALMOST_ALL = 4
+
+
 def pick_slot(slots: Sequence[Slot], prompt: Sequence[int], reuse: bool) -> tuple[Slot, int] | None:
     """The idle slot a job with ``prompt`` should take, and how many of its cached tokens it keeps; None
     when every slot is busy.
 
     With ``reuse``: the slot sharing the longest prefix with the prompt (ties: the least recently used), and
     that prefix, but always at least one prompt token left to evaluate (the logits that sample the first
-    token come from evaluating the prompt's last token). Without: the least recently used slot, keeping
-    nothing."""
+    token come from evaluating the prompt's last token) — provided that slot's cache is this conversation's:
+    the prompt continues (nearly) all of it, or is (nearly) all in it. Otherwise the job is a new
+    conversation that merely shares a beginning with a cached one, and evicts the least recently used slot
+    (an empty one first) rather than that conversation, keeping what the evicted slot shares with it.
+    Without ``reuse``: the least recently used slot, keeping nothing."""
     idle = [s for s in slots if not s.busy]
     if not idle:
         return None
     if not reuse:
         return min(idle, key=lambda s: s.last_used), 0
     best = max(idle, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
-    keep = min(common_prefix(best.tokens, prompt), len(prompt) - 1)
-    return best, max(0, keep)
+    shared = common_prefix(best.tokens, prompt)
+    if shared and (len(best.tokens) - shared > KEEP_OTHERS and len(prompt) - shared > ALMOST_ALL):
+        best = min(idle, key=lambda s: (bool(s.tokens), s.last_used))
+        shared = common_prefix(best.tokens, prompt)
+    return best, max(0, min(shared, len(prompt) - 1))

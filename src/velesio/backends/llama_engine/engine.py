@@ -37,20 +37,23 @@ class Engine:
     ``model``: a GGUF path (loaded here, freed by :meth:`close`), or an already loaded model: a
     ``llama_cpp.Llama``, its ``_model`` (``LlamaModel``) or a raw ``llama_model_p``, which the caller keeps
     alive and frees. ``n_ctx`` is the context of each sequence (the whole context holds ``n_ctx * n_seq``
-    tokens); llama.cpp may round it up, :attr:`n_ctx` is the size in force. ``n_batch`` bounds the tokens
-    of one decode (one per generating sequence, the rest prompt chunks); it must be at least ``n_seq``.
+    tokens); llama.cpp may round it up, :attr:`n_ctx` is the size in force. ``n_running`` (default
+    ``n_seq``) is how many jobs run at once: the other sequences only keep finished jobs' prompts as prefix
+    cache, so that more conversations stay cached than run. ``n_batch`` bounds the tokens of one decode
+    (one per generating sequence, the rest prompt chunks); it must be at least ``n_running``.
     ``flash_attn`` None lets llama.cpp decide (it turns it on where the device supports it, CPU included);
     ``llama_cpp.Llama`` turns it off unless asked, and the last bits of the logits differ between the two,
     so pass False to reproduce a ``Llama``'s greedy text exactly."""
 
     def __init__(self, model: str | os.PathLike[str] | Any, *, n_ctx: int = 2048, n_seq: int = 4,
-                 n_batch: int = 512, n_threads: int | None = None, n_threads_batch: int | None = None,
+                 n_running: int | None = None, n_batch: int = 512, n_threads: int | None = None,
+                 n_threads_batch: int | None = None,
                  n_gpu_layers: int = 0, flash_attn: bool | None = None, verbose: bool = False):
         global _backend_ready
         if n_seq < 1 or n_seq > llama_cpp.llama_max_parallel_sequences():
             raise ValueError(f"n_seq must be between 1 and {llama_cpp.llama_max_parallel_sequences()}")
-        if n_batch < n_seq:
-            raise ValueError("n_batch must be at least n_seq (each generating sequence adds a token per step)")
+        if n_batch < min(n_seq, n_running or n_seq):
+            raise ValueError("n_batch must be at least n_running (each generating sequence adds a token per step)")
         if not verbose:
             logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's log, as Llama does
         with _backend_lock:
@@ -92,6 +95,7 @@ class Engine:
             raise RuntimeError("llama.cpp could not create the context")
         self.n_ctx = int(llama_cpp.llama_n_ctx_seq(self.ctx))
         self.n_seq = n_seq
+        self.n_running = max(1, min(n_seq, n_running or n_seq))
         self.n_batch = n_batch
         self.n_threads, self.n_threads_batch = n_threads, n_threads_batch
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
@@ -326,6 +330,8 @@ class Engine:
                 if not self._waiting:
                     return
                 gen = self._waiting[0]
+                if len(self._runs) >= self.n_running:
+                    return
                 choice = pick_slot(self._slots, gen.prompt_tokens, gen.params.cache_prompt)
                 if choice is None:
                     return

@@ -9,12 +9,14 @@ token-array prompt is answered here, in llama.cpp's shapes:
   n_predict -1 (until end of text or context; 0 = evaluate the prompt only), seed -1 (random; 0 is a
   fixed seed like any other);
 - a prompt is a string, a token array or a mixed array (``[12, "text", 34]``); token runs are turned into
-  text with a ``detokenize`` job first. A list of several prompts is refused with 400;
+  text with a ``detokenize`` job first. A list of prompts (``["a", [12, 34], ...]``, at most
+  ``MAX_PROMPTS``) runs one job each, side by side: the answer is an array of results (a stream interleaves
+  their events), each with its ``index``, as llama.cpp answers;
 - fields that change nothing here are accepted and ignored: ``id_slot``, ``cache_prompt``, ``n_keep``,
   ``tfs_z``, ``penalize_nl``, ``penalty_prompt``, ``messages``, ``dry_*``, ``xtc_*``, ``dynatemp_*``,
   ``samplers``, ``n_indent``, ``lora`` ...; ``logit_bias`` (list or object form, ``false`` bans) is
-  honoured; ``return_tokens`` puts the token ids in
-  ``tokens`` (of each stream event, and of the whole reply; llama.cpp leaves them empty otherwise);
+  honoured; each stream event carries its piece's token ids in ``tokens``, and ``return_tokens`` puts
+  the reply's in the whole reply's ``tokens`` (empty otherwise), as llama.cpp does;
   ``n_probs`` > 0 (at most ``MAX_PROBS``) adds ``completion_probabilities`` (dialects/logprobs.py) to the
   reply and to each stream event, before the sampler chain unless ``post_sampling_probs``;
 - a stream is one ``data: {...}\\n\\n`` event per HTTP chunk, no comments and no ``[DONE]``; the last event
@@ -80,42 +82,66 @@ def wants(body: dict[str, Any]) -> bool:
 MAX_TOKEN_ID = 2**31 - 1  # llama.cpp's token ids are int32
 
 
-def prompt_parts(body: dict[str, Any]) -> list[str | list[int]]:
-    """The prompt as text pieces and token-id runs, in order (a string gives one piece); 400 when it is empty."""
-    parts = _prompt_parts(body)
-    if not any(parts):
-        raise invalid("prompt", "must not be empty")
-    return parts
+MAX_PROMPTS = 16  # the most prompts one /completion request may list
 
 
-def _prompt_parts(body: dict[str, Any]) -> list[str | list[int]]:
+Parts = list[str | list[int]]  # one prompt: text pieces and token-id runs, in order
+
+
+def prompt_list(body: dict[str, Any]) -> list[Parts]:
+    """Every prompt of the body, as llama.cpp reads ``prompt``: a string, a token array or a mixed array
+    (``[12, "text", 34]``: an array with a number in it) is one prompt; any other array lists prompts, each
+    of those forms. 400 for an empty prompt, or more than MAX_PROMPTS."""
     prompt = body.get("prompt")
     if prompt is None:
         raise invalid("prompt", "is required")
+    if isinstance(prompt, list) and not _is_one_prompt(prompt):
+        if not prompt:
+            raise invalid("prompt", "must not be empty")
+        if len(prompt) > MAX_PROMPTS:
+            raise invalid("prompt", f"at most {MAX_PROMPTS} prompts in one request")
+        return [_checked(_parts(p, f"prompt[{i}]"), f"prompt[{i}]") for i, p in enumerate(prompt)]
+    return [_checked(_parts(prompt, "prompt"), "prompt")]
+
+
+def prompt_parts(body: dict[str, Any]) -> Parts:
+    """The body's one prompt (400 when it lists several)."""
+    prompts = prompt_list(body)
+    if len(prompts) != 1:
+        raise invalid("prompt", "must be one prompt here")
+    return prompts[0]
+
+
+def _is_one_prompt(prompt: list[Any]) -> bool:
+    return any(isinstance(p, int) and not isinstance(p, bool) for p in prompt)
+
+
+def _checked(parts: Parts, where: str) -> Parts:
+    if not any(parts):
+        raise invalid(where, "must not be empty")
+    return parts
+
+
+def _parts(prompt: Any, where: str) -> Parts:
     if isinstance(prompt, str):
         return [prompt]
     if isinstance(prompt, dict):
-        raise invalid("prompt", "multimodal prompts are not supported")
+        raise invalid(where, "multimodal prompts are not supported")
     if not isinstance(prompt, list):
-        raise invalid("prompt", "must be a string, an array of token ids or a mixed array")
-    if len(prompt) == 1 and isinstance(prompt[0], (str, list, dict)):
-        return _prompt_parts({"prompt": prompt[0]})
-    has_int = any(isinstance(p, int) and not isinstance(p, bool) for p in prompt)
-    if not has_int and len(prompt) > 1:
-        raise invalid("prompt", "several prompts in one request are not supported; send one request per prompt")
-    parts: list[str | list[int]] = []
+        raise invalid(where, "must be a string, an array of token ids or a mixed array")
+    parts: Parts = []
     for i, p in enumerate(prompt):
         if isinstance(p, str):
             parts.append(p)
         elif isinstance(p, int) and not isinstance(p, bool):
             if not 0 <= p <= MAX_TOKEN_ID:
-                raise invalid(f"prompt[{i}]", f"token ids must be between 0 and {MAX_TOKEN_ID}")
+                raise invalid(f"{where}[{i}]", f"token ids must be between 0 and {MAX_TOKEN_ID}")
             if parts and isinstance(parts[-1], list):
                 parts[-1].append(p)
             else:
                 parts.append([p])
         else:
-            raise invalid(f"prompt[{i}]", "must be a token id or a string")
+            raise invalid(f"{where}[{i}]", "must be a token id or a string")
     return parts
 
 
@@ -153,7 +179,7 @@ def parse(body: dict[str, Any], prompt: str | None = None) -> Job:
     """A llama.cpp /completion body as a Job. ``prompt`` replaces ``body["prompt"]`` (used once token ids
     were turned into text); without it the prompt must be text."""
     if prompt is None:
-        parts = prompt_parts(body)
+        parts = prompt_parts(body)  # one prompt of text only: the callers of parse(body) alone
         if not all(isinstance(p, str) for p in parts):
             raise invalid("prompt", "token ids must be detokenized first (POST /completion does that)")
         prompt = "".join(parts)  # type: ignore[arg-type]
@@ -278,9 +304,11 @@ class LlamaCppText:
 
     done_marker = False
 
-    def __init__(self, job: Job, *, n_ctx: int = 0, fields: list[str] | None = None, return_tokens: bool = False):
+    def __init__(self, job: Job, *, n_ctx: int = 0, fields: list[str] | None = None, return_tokens: bool = False,
+                 index: int = 0):
         assert isinstance(job.params, TextParams)
         self.job = job
+        self.index = index  # the prompt's index in the request's list of prompts
         self.return_tokens = return_tokens
         self.params = job.params
         self.n_ctx = n_ctx
@@ -292,7 +320,7 @@ class LlamaCppText:
         stop_type = result.stop_type or ("limit" if result.finish_reason == "length" else "eos")
         text = result.text
         out = {
-            "index": 0,
+            "index": self.index,
             "content": content,
             "tokens": list(result.tokens) if self.return_tokens and content else [],
             "id_slot": -1,
@@ -331,7 +359,7 @@ class LlamaCppText:
         tokens = [t for t in chunk.get("tokens") or () if isinstance(t, int)]
         self.pieces += max(1, len(tokens))
         # tokens_evaluated is only known at the end; partials report 0 (the final event has the count)
-        event = {"index": 0, "content": text, "tokens": tokens if self.return_tokens else [], "stop": False,
+        event = {"index": self.index, "content": text, "tokens": tokens, "stop": False,
                  "id_slot": -1, "tokens_predicted": self.pieces, "tokens_evaluated": 0}
         if self.params.logprobs:
             event["completion_probabilities"] = logprobs.llamacpp(chunk.get("probs"),
@@ -340,6 +368,34 @@ class LlamaCppText:
 
     def end(self, result: TextResult) -> list[dict[str, Any]]:
         return [self._final(result, "")]
+
+    def error(self, err: ApiError) -> list[dict[str, Any]]:
+        return [error_body(err)]
+
+
+class LlamaCppChoices:
+    """The results of a request that listed several prompts: an array of llama.cpp results, or one stream
+    of their events, each with its prompt's ``index``."""
+
+    done_marker = False
+
+    def __init__(self, renderers: list[LlamaCppText]):
+        self.each = renderers
+
+    def render(self, results: list[TextResult]) -> list[dict[str, Any]]:
+        return [r.render(result) for r, result in zip(self.each, results, strict=True)]
+
+    def start(self) -> list[dict[str, Any]]:
+        return []
+
+    def chunk(self, i: int, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.each[i].chunk(chunk)
+
+    def end(self, i: int, result: TextResult) -> list[dict[str, Any]]:
+        return self.each[i].end(result)
+
+    def finish(self, results: list[TextResult]) -> list[dict[str, Any]]:
+        return []
 
     def error(self, err: ApiError) -> list[dict[str, Any]]:
         return [error_body(err)]

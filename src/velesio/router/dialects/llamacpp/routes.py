@@ -14,6 +14,7 @@ Unity v2 (its UnityWebRequest always sends ``X-Unity-Version``; it parses an obj
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -36,7 +37,7 @@ from velesio.mesh.params import (
 from ... import admission
 from ...errors import ApiError, invalid
 from ...keys import SCHEDULER
-from ...relay import dumps, respond, result_of
+from ...relay import dumps, respond, respond_choices, result_of
 from ...validation import get_bool, get_messages, get_model, get_str, read_json
 from ..base import CHOSEN
 from . import completion as llamacpp
@@ -239,25 +240,29 @@ async def detokenize_parts(request: web.Request, parts: list[str | list[int]], m
 
 
 async def completion(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-    """POST /completion in llama.cpp's dialect."""
+    """POST /completion in llama.cpp's dialect: one prompt, or a list of them run side by side."""
     from . import DIALECT  # this package's __init__ builds it from these routes
 
     request[CHOSEN] = DIALECT
-    parts = llamacpp.prompt_parts(body)
+    prompts = llamacpp.prompt_list(body)
     job = llamacpp.parse(body, prompt="")  # validates every field before any job runs
     assert isinstance(job.params, TextParams)
     admitted = await admission.admit(request, job)
-    if any(not isinstance(p, str) for p in parts):
-        job.params.prompt = await detokenize_parts(request, parts, job.model)
-    else:
-        job.params.prompt = "".join(p for p in parts if isinstance(p, str))
-    if not job.params.prompt:
-        raise invalid("prompt", "must not be empty (the token ids are no text)")
-    admission.check(admitted)  # now with the whole prompt
+    texts = []
+    for i, parts in enumerate(prompts):
+        text = await detokenize_parts(request, parts, job.model)
+        if not text:
+            raise invalid("prompt" if len(prompts) == 1 else f"prompt[{i}]",
+                          "must not be empty (the token ids are no text)")
+        texts.append(text)
+    jobs = admission.siblings(admitted, [dataclasses.replace(job.params, prompt=t) for t in texts])
     n_ctx = int(admitted.meta.get("n_ctx") or 0)
-    renderer = llamacpp.LlamaCppText(job, n_ctx=n_ctx, fields=llamacpp.response_fields(body),
-                                     return_tokens=get_bool(body, "return_tokens"))
-    return await respond(request, admitted, renderer)
+    fields, return_tokens = llamacpp.response_fields(body), get_bool(body, "return_tokens")
+    renderers = [llamacpp.LlamaCppText(a.job, n_ctx=n_ctx, fields=fields, return_tokens=return_tokens, index=i)
+                 for i, a in enumerate(jobs)]
+    if len(jobs) == 1:
+        return await respond(request, jobs[0], renderers[0])
+    return await respond_choices(request, jobs, llamacpp.LlamaCppChoices(renderers))
 
 
 async def infill(request: web.Request) -> web.Response:

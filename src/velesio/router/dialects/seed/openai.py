@@ -1,14 +1,17 @@
 """The seed's and OpenAI's text shapes: /completion (seed), /chat/completions, /v1/completions,
 /v1/chat/completions. The seed's shapes are a subset of OpenAI's, so one dialect serves both.
 
-Request fields we cannot honour are handled per field (docs/clients.md): ``n`` > 1, ``echo``, ``best_of`` > 1
-and ``logprobs`` are refused with 400; ``user``, ``tools``, ``tool_choice``, ``parallel_tool_calls``,
-``suffix``, ``store``, ``metadata`` and other unknown fields are ignored;
-``response_format`` json_object / json_schema, and llama.cpp's ``grammar`` and ``json_schema``, constrain the
-output with a grammar."""
+Request fields are handled per field (docs/clients.md): ``echo`` and ``best_of`` > 1 are refused with 400;
+``n`` and a list of prompts make one job per choice (``OpenAIChoices``, run by relay.respond_choices);
+``logprobs`` / ``top_logprobs`` are rendered by dialects/logprobs.py; ``user``, ``suffix``, ``store``,
+``metadata`` and other unknown fields are ignored; ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (and
+the legacy ``functions`` / ``function_call``) are served by seed/tools.py, the generic JSON way llama.cpp
+serves any chat template; ``response_format`` json_object / json_schema, and llama.cpp's ``grammar`` and
+``json_schema``, constrain the output with a grammar."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import Any
@@ -29,7 +32,9 @@ from ...validation import (
     get_stop,
     get_str,
 )
+from .. import logprobs
 from ..base import seed_error
+from . import tools
 
 
 def _given(**fields: Any) -> dict[str, Any]:
@@ -42,13 +47,8 @@ def _common_params(body: dict[str, Any]) -> dict[str, Any]:
     max_tokens = get_int(body, "max_completion_tokens", None, lo=1, hi=MAX_TOKENS)
     if max_tokens is None:
         max_tokens = get_int(body, "max_tokens", None, lo=1, hi=MAX_TOKENS)
-    n = get_int(body, "n", 1, lo=1)
-    if n != 1:
-        raise invalid("n", "only n=1 is supported")
     if get_int(body, "best_of", 1, lo=1) != 1:
         raise invalid("best_of", "only best_of=1 is supported")
-    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
-        raise invalid("logprobs", "log probabilities are not supported")
     seed = get_int(body, "seed", None, lo=-(2**63), hi=2**64 - 1)
     seed = seed % 2**31 if seed is not None and seed >= 0 else None
     params = _given(
@@ -107,23 +107,87 @@ def _constraint(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_completion(body: dict[str, Any]) -> Job:
+MAX_CHOICES = 16  # the most choices one request may ask for (n, times the prompts of a legacy completion)
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs (its legacy completions allow 5; we allow 20 there too)
+
+
+def _chat_logprobs(body: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI chat's ``logprobs`` (a boolean) and ``top_logprobs`` (alternatives per token, 0 to 20, only
+    with ``logprobs``) as the job's ``logprobs`` count."""
+    top = get_int(body, "top_logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS)
+    if not get_bool(body, "logprobs"):
+        if top is not None:
+            raise invalid("top_logprobs", "requires logprobs to be true")
+        return {}
+    return {"logprobs": top or 0, "post_sampling_probs": get_bool(body, "post_sampling_probs")}
+
+
+def _completion_logprobs(body: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI legacy completions' ``logprobs``: the number of alternatives per token (0 to 20; ``true`` is
+    0, llama.cpp's ``top_logprobs`` then gives the number)."""
+    value = body.get("logprobs")
+    if value is None or value is False:
+        return {}
+    if value is True:
+        n = get_int(body, "top_logprobs", 0, lo=0, hi=MAX_TOP_LOGPROBS)
+    else:
+        n = get_int(body, "logprobs", lo=0, hi=MAX_TOP_LOGPROBS)
+    return {"logprobs": n, "post_sampling_probs": get_bool(body, "post_sampling_probs")}
+
+
+def choices_per_prompt(body: dict[str, Any], prompts: int = 1) -> int:
+    """``n``: the choices wanted per prompt; all prompts' choices together at most MAX_CHOICES."""
+    n = get_int(body, "n", 1, lo=1, hi=MAX_CHOICES)
+    if n * prompts > MAX_CHOICES:
+        raise invalid("n", f"{prompts} prompts with n={n} make {n * prompts} choices; at most {MAX_CHOICES} "
+                      "in one request")
+    return n
+
+
+def completion_prompts(body: dict[str, Any]) -> list[str]:
+    """A legacy completion's prompts: a string, or a list of strings (one choice, or ``n``, each)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]  # OpenAI allows a one-element list
-    if not isinstance(prompt, str):
-        raise invalid("prompt", "is required and must be a string" if prompt is None else "must be a string")
-    if not prompt:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise invalid("prompt", "is required" if prompt is None else "must be a string or a list of strings")
+    if len(prompts) > MAX_CHOICES:
+        raise invalid("prompt", f"at most {MAX_CHOICES} prompts in one request")
+    if not all(prompts):
         raise invalid("prompt", "must not be empty")
+    return prompts
+
+
+def parse_completion(body: dict[str, Any]) -> Job:
+    """The job of a legacy completion's first prompt (``completion_prompts`` has them all)."""
+    prompts = completion_prompts(body)
     if get_bool(body, "echo"):
         raise invalid("echo", "echo is not supported")
-    params = TextParams(prompt=prompt, **_common_params(body))
+    params = TextParams(prompt=prompts[0], **_common_params(body), **_completion_logprobs(body))
     return Job(op="completion", model=get_model(body) or "", params=params, stream=get_bool(body, "stream"))
 
 
+def choice_params(params: TextParams, prompts: list[str] | None, n: int) -> tuple[list[TextParams], list[int]]:
+    """The params of each choice and the index of the prompt it continues: ``n`` per prompt (``prompts``
+    None: the job's own), in order. A fixed seed gives choice ``j`` of a prompt the seed + ``j``, so that
+    the choices differ and a repeated request gives the same ones."""
+    out, prompt_of = [], []
+    for i, prompt in enumerate(prompts or [params.prompt]):
+        for j in range(n):
+            seed = None if params.seed is None else (params.seed + j) % 2**31
+            out.append(dataclasses.replace(params, prompt=prompt, seed=seed))
+            prompt_of.append(i)
+    return out, prompt_of
+
+
 def parse_chat(body: dict[str, Any]) -> Job:
-    params = TextParams(messages=get_messages(body), **_common_params(body))
-    return Job(op="chat", model=get_model(body) or "", params=params, stream=get_bool(body, "stream"))
+    plan = tools.get_plan(body)  # tool calling (seed/tools.py): None when the model is to call no tool
+    messages = tools.prompt_messages(get_messages(body, tool_fields=True), plan)
+    params = TextParams(messages=messages, **tools.constrain(_common_params(body), plan), **_chat_logprobs(body))
+    job = Job(op="chat", model=get_model(body) or "", params=params, stream=get_bool(body, "stream"))
+    if plan is not None and job.stream and params.logprobs is not None:
+        # a stream with tools is sent whole at its end (seed/tools.py): no piece to hang probabilities on
+        raise invalid("logprobs", "is not supported with tools in a stream (as llama.cpp)")
+    return tools.with_plan(job, plan)
 
 
 def include_usage(body: dict[str, Any]) -> bool:
@@ -146,12 +210,17 @@ class OpenAIText:
 
     done_marker = True
 
-    def __init__(self, job: Job, *, usage_chunk: bool = False):
+    def __init__(self, job: Job, *, usage_chunk: bool = False, index: int = 0):
         self.job = job
         self.chat = job.op == "chat"
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.usage_chunk = usage_chunk
+        self.usage_at_end = usage_chunk  # end() adds the usage chunk (OpenAIChoices adds one for all instead)
+        self.index = index  # the choice's index (n > 1, several prompts)
+        self.text_offset = 0  # legacy completions' logprobs: where the next tokens' text starts
+        self.tools = tools.plan_of(job)
+        self.tool_text: list[str] = []  # a stream with tools: its text, read whole at the end
 
     def _envelope(self, obj: str, choices: list, **extra: Any) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.job.model,
@@ -161,19 +230,34 @@ class OpenAIText:
         text = result.text
         finish = result.finish_reason or "stop"
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if self.tools:
+                message, finish = tools.message(text, finish, self.tools)
+            choice = {"index": self.index, "message": message, "logprobs": self._logprobs(result.probs),
                       "finish_reason": finish}
             return self._envelope("chat.completion", [choice], usage=_usage(result))
-        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+        choice = {"text": text, "index": self.index, "logprobs": self._logprobs(result.probs), "finish_reason": finish}
         return self._envelope("text_completion", [choice], usage=_usage(result))
 
     # ---- streaming ---------------------------------------------------------------------------
-    def _chunk(self, delta_or_text: Any, finish: str | None) -> dict[str, Any]:
+    def _logprobs(self, probs: Any) -> dict[str, Any] | None:
+        """The ``logprobs`` of a choice: None unless the request asked for them."""
+        if self.job.params.logprobs is None:  # type: ignore[union-attr]
+            return None
+        if self.chat:
+            return logprobs.chat(probs)
+        out = logprobs.completion(probs, self.text_offset)
+        self.text_offset += sum(len(t) for t in out["tokens"])
+        return out
+
+    def _chunk(self, delta_or_text: Any, finish: str | None, probs: Any = None) -> dict[str, Any]:
         extra = {"usage": None} if self.usage_chunk else {}
         if self.chat:
-            choice = {"index": 0, "delta": delta_or_text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": self.index, "delta": delta_or_text, "logprobs": self._logprobs(probs) if probs else None,
+                      "finish_reason": finish}
             return self._envelope("chat.completion.chunk", [choice], **extra)
-        choice = {"text": delta_or_text, "index": 0, "logprobs": None, "finish_reason": finish}
+        choice = {"text": delta_or_text, "index": self.index, "logprobs": self._logprobs(probs) if probs else None,
+                  "finish_reason": finish}
         return self._envelope("text_completion", [choice], **extra)
 
     def start(self) -> list[dict[str, Any]]:
@@ -184,15 +268,25 @@ class OpenAIText:
         text = chunk.get("text")
         if not text:
             return []
-        return [self._chunk({"content": text} if self.chat else text, None)]
+        if self.tools:  # a reply that may be tool calls is only known whole: buffered until end()
+            self.tool_text.append(text)
+            return []
+        return [self._chunk({"content": text} if self.chat else text, None, chunk.get("probs"))]
 
     def end(self, result: TextResult) -> list[dict[str, Any]]:
         finish = result.finish_reason or "stop"
-        events = [self._chunk({} if self.chat else "", finish)]
-        if self.usage_chunk:
-            obj = "chat.completion.chunk" if self.chat else "text_completion"
-            events.append(self._envelope(obj, [], usage=_usage(result)))
+        events = []
+        if self.tools:  # the buffered reply: tool-call deltas, or its content
+            found, finish = tools.deltas("".join(self.tool_text) or result.text, finish, self.tools)
+            events = [self._chunk(delta, None) for delta in found]
+        events.append(self._chunk({} if self.chat else "", finish))
+        if self.usage_at_end:
+            events.append(self.usage_event(_usage(result)))
         return events
+
+    def usage_event(self, usage: dict[str, Any]) -> dict[str, Any]:
+        """``stream_options.include_usage``'s last chunk: no choices, the usage."""
+        return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage)
 
     def error(self, err: ApiError) -> list[dict[str, Any]]:
         return [seed_error(err)]
@@ -204,3 +298,46 @@ def models_list(models: dict[str, dict[str, Any]]) -> dict[str, Any]:
         {"id": name, "object": "model", "created": 0, "owned_by": "velesio",
          "meta": {k: v for k, v in m.get("meta", {}).items() if k in ("n_ctx", "n_ctx_train", "n_vocab", "size")}}
         for name, m in sorted(models.items())]}
+
+
+class OpenAIChoices:
+    """Several choices of one request (``n`` > 1, several prompts of a legacy completion): one job each,
+    answered as one response whose ``choices`` carry their indexes. ``prompt_of[i]`` is the prompt job ``i``
+    continues: usage counts each prompt's tokens once and every choice's completion tokens."""
+
+    done_marker = True
+
+    def __init__(self, jobs: list[Job], prompt_of: list[int], *, usage_chunk: bool = False):
+        self.each = [OpenAIText(job, usage_chunk=usage_chunk, index=i) for i, job in enumerate(jobs)]
+        first = self.each[0]
+        for r in self.each:
+            r.id, r.created, r.usage_at_end = first.id, first.created, False
+        self.prompt_of = prompt_of
+        self.usage_chunk = usage_chunk
+
+    def _usage(self, results: list[TextResult]) -> dict[str, Any]:
+        prompts = {self.prompt_of[i]: r for i, r in enumerate(results)}  # one result per prompt
+        p = sum(r.prompt_tokens for r in prompts.values())
+        c = sum(r.completion_tokens for r in results)
+        cached = sum(min(r.tokens_cached, r.prompt_tokens) for r in prompts.values())
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def render(self, results: list[TextResult]) -> dict[str, Any]:
+        bodies = [r.render(result) for r, result in zip(self.each, results, strict=True)]
+        return {**bodies[0], "choices": [c for b in bodies for c in b["choices"]], "usage": self._usage(results)}
+
+    def start(self) -> list[dict[str, Any]]:
+        return [event for r in self.each for event in r.start()]
+
+    def chunk(self, i: int, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.each[i].chunk(chunk)
+
+    def end(self, i: int, result: TextResult) -> list[dict[str, Any]]:
+        return self.each[i].end(result)
+
+    def finish(self, results: list[TextResult]) -> list[dict[str, Any]]:
+        return [self.each[0].usage_event(self._usage(results))] if self.usage_chunk else []
+
+    def error(self, err: ApiError) -> list[dict[str, Any]]:
+        return [seed_error(err)]

@@ -7,9 +7,12 @@ import json
 
 from aiohttp import web
 
+from velesio.mesh.jobs import Job
+from velesio.mesh.params import TextParams
+
 from ... import admission
 from ...keys import SCHEDULER
-from ...relay import respond
+from ...relay import respond, respond_choices
 from ...validation import read_body, read_json
 from .. import llamacpp
 from ..base import Dialect
@@ -27,8 +30,9 @@ async def completion(request: web.Request) -> web.StreamResponse:
 
 async def v1_completion(request: web.Request, body: dict | None = None) -> web.StreamResponse:
     body = await read_json(request) if body is None else body
-    admitted = await admission.admit(request, openai.parse_completion(body))
-    return await respond(request, admitted, openai.OpenAIText(admitted.job, usage_chunk=openai.include_usage(body)))
+    job = openai.parse_completion(body)
+    prompts = openai.completion_prompts(body)
+    return await _answer(request, body, job, prompts, openai.choices_per_prompt(body, len(prompts)))
 
 
 async def v1_completions(request: web.Request) -> web.StreamResponse:
@@ -37,8 +41,22 @@ async def v1_completions(request: web.Request) -> web.StreamResponse:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
-    admitted = await admission.admit(request, openai.parse_chat(body))
-    return await respond(request, admitted, openai.OpenAIText(admitted.job, usage_chunk=openai.include_usage(body)))
+    job = openai.parse_chat(body)
+    return await _answer(request, body, job, None, openai.choices_per_prompt(body))
+
+
+async def _answer(request: web.Request, body: dict, job: Job, prompts: list[str] | None,
+                  n: int) -> web.StreamResponse:
+    """Admit ``job`` and answer it: alone, or as one job per choice (``n`` per prompt) side by side."""
+    admitted = await admission.admit(request, job)
+    usage = openai.include_usage(body)
+    if n == 1 and (prompts is None or len(prompts) == 1):
+        return await respond(request, admitted, openai.OpenAIText(admitted.job, usage_chunk=usage))
+    assert isinstance(job.params, TextParams)
+    params, prompt_of = openai.choice_params(job.params, prompts, n)
+    jobs = admission.siblings(admitted, list(params))
+    return await respond_choices(request, jobs, openai.OpenAIChoices([a.job for a in jobs], prompt_of,
+                                                                     usage_chunk=usage))
 
 
 async def v1_models(request: web.Request) -> web.Response:
