@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--routing-conversations", type=int, help="affinity: conversations at once (default 32)")
     p.add_argument("--routing-rounds", type=int, help="affinity: rounds per routing mode (default 2)")
     p.add_argument("--routing-slots", type=int, help="affinity: slots per worker (default 4)")
+    p.add_argument("--routing-cache-sequences", type=int,
+                   help="affinity: cached sequences per worker beyond its slots (default 8)")
     p.add_argument("--two-threads", type=int, help="two workers per host: give (b)'s models this many threads "
                                                    "through options.n_threads instead of the worker's share")
     p.add_argument("--server-concurrency", type=_ints,
@@ -99,7 +101,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
                        ("server_duration", "server_duration"), ("server_rounds", "server_rounds"),
                        ("server_threads", "server_threads"), ("server_quiet_wait", "server_quiet_wait"),
                        ("llama_server", "llama_server"), ("routing_conversations", "routing_conversations"),
-                       ("routing_rounds", "routing_rounds"), ("routing_slots", "routing_slots")):
+                       ("routing_rounds", "routing_rounds"), ("routing_slots", "routing_slots"),
+                       ("routing_cache_sequences", "routing_cache_sequences")):
         if getattr(args, arg) is not None:
             setattr(s, field, getattr(args, arg))
     s.floor = not args.no_floor

@@ -48,6 +48,7 @@ class Settings:
     routing_workers: int = 4
     routing_slots: int = 4  # per worker
     routing_threads: int = 1  # llama.cpp threads per worker
+    routing_cache_sequences: int = 8  # per worker: sequences beyond the slots that keep conversations cached
     routing_conversations: int = 32
     routing_turns: int = 6
     routing_max_tokens: int = 16

@@ -23,8 +23,9 @@ QUESTIONS = ["Do you have a room for tonight?", "How much does it cost?", "Is br
              "What is the news from the mine?", "Which road leads to the city?", "Thank you, good night."]
 
 
-def model(slots: int, threads: int) -> dict[str, Any]:
-    return {"name": SMOLLM2, "backend": "llama-cpp", "slots": slots, "options": {"n_ctx": 2048, "n_threads": threads}}
+def model(slots: int, threads: int, cache_sequences: int = 0) -> dict[str, Any]:
+    return {"name": SMOLLM2, "backend": "llama-cpp", "slots": slots,
+            "options": {"n_ctx": 2048, "n_threads": threads, "cache_sequences": cache_sequences}}
 
 
 async def _turn(session: Any, url: str, headers: dict[str, str], messages: list[dict[str, str]],
@@ -103,7 +104,7 @@ def affinity(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
             with Cluster(workdir, loop=s.loop, router_cfg={"routing": mode}) as mesh:
                 mesh.start_router()
                 mesh.start_workers([f"conv-{i}" for i in range(s.routing_workers)],
-                                   [model(s.routing_slots, s.routing_threads)])
+                                   [model(s.routing_slots, s.routing_threads, s.routing_cache_sequences)])
                 res = asyncio.run(_conversations(mesh.url, mesh.headers, s.routing_conversations, s.routing_turns,
                                                  s.routing_max_tokens))
             rows[mode].append(res)
@@ -114,7 +115,8 @@ def affinity(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
                | {"failed": sum(r["failed"] for r in runs)} for mode, runs in rows.items()}
     ca, ll = summary["cache_aware"], summary["least_loaded"]
     return {"workers": s.routing_workers, "slots": s.routing_slots, "threads": s.routing_threads,
-            "conversations": s.routing_conversations, "turns": s.routing_turns, "max_tokens": s.routing_max_tokens,
+            "cache_sequences": s.routing_cache_sequences, "conversations": s.routing_conversations,
+            "turns": s.routing_turns, "max_tokens": s.routing_max_tokens,
             "rounds": rows, "summary": summary,
             "ttft_p50_ratio": ca["turn2_ttft_p50_ms"] / ll["turn2_ttft_p50_ms"],
             "throughput_ratio": ca["completion_tokens_per_s"] / ll["completion_tokens_per_s"]}

@@ -240,8 +240,10 @@ def test_what_does_not_fit_is_refused_and_idle_models_sleep_until_needed(rt):
         assert shorter.status_code == 200 and shorter.json()["model"]["keep_alive_s"] == 1
         wait_until(lambda: (model_of(rt, "rt-2", "smollm2-k") or {}).get("state") == "sleeping", "idle unload")
         assert "smollm2-k" in served(rt)
+        wait_until(lambda: served(rt)["smollm2-k"]["loaded"] is False, "/models: not loaded while asleep")
         again = rt.post("/completion", {"model": "smollm2-k", "prompt": "Hi", "max_tokens": 4})
         assert again.status_code == 200, again.text
+        wait_until(lambda: served(rt)["smollm2-k"]["loaded"] is True, "/models: loaded once woken")
     finally:
         for model in ("smollm2-c", "smollm2-k"):
             admin(rt, "DELETE", f"/admin/workers/rt-2/models/{model}")

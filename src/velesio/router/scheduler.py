@@ -91,8 +91,9 @@ class Scheduler:
         out: dict[str, dict[str, Any]] = {}
         for w in self.workers.values():
             for name, m in w.models.items():
-                entry = out.setdefault(name, {**m, "workers": [], "slots_total": 0, "slots_free": 0})
+                entry = out.setdefault(name, {**m, "workers": [], "slots_total": 0, "slots_free": 0, "awake": 0})
                 entry["workers"].append(w.name)
+                entry["awake"] += not w.asleep(name)  # loaded, not idle past its keep_alive
                 entry["slots_total"] += int(m["slots"])
                 entry["slots_free"] += w.free(name)
         return out

@@ -44,7 +44,8 @@ async def models(request: web.Request) -> web.Response:
     text, image = [], []
     for name, m in sorted(live.items()):
         meta = m.get("meta") or {}
-        entry = {"name": name, "loaded": True, "backend": m.get("backend"), "workers": m["workers"],
+        # loaded: in memory on some worker (a model every worker put to sleep, keep_alive, loads on its next job)
+        entry = {"name": name, "loaded": m["awake"] > 0, "backend": m.get("backend"), "workers": m["workers"],
                  "slots": m["slots_total"], "free_slots": m["slots_free"], "operations": m.get("operations", [])}
         if m.get("kind") == "image":
             image.append({**entry, "type": meta.get("type", "checkpoint")})
