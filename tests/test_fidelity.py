@@ -188,3 +188,44 @@ def test_first_chat_chunk_has_a_null_content(router, client):
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": None}
     chunks = list(client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=3, stream=True))
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content is None
+
+
+# ---- POST /completion for clients of either API ------------------------------------------------------
+def test_a_body_of_common_fields_gets_both_shapes(router):
+    body = router.post("/completion", {"prompt": "The sky is", "temperature": 0, "max_tokens": 4, "seed": 1}).json()
+    assert body["object"] == "text_completion" and body["choices"][0]["text"]  # the seed's
+    assert body["content"] == body["choices"][0]["text"] and body["stop"] is True  # llama.cpp's
+    assert body["tokens_predicted"] == body["usage"]["completion_tokens"] and "timings" in body
+    raw = sse_events(stream(router, "/completion", {"prompt": "The sky is", "temperature": 0, "max_tokens": 4}))
+    assert raw[-1] == "[DONE]"
+    events = [json.loads(e) for e in raw[:-1]]
+    assert "".join(e["content"] for e in events) == "".join(e["choices"][0]["text"] for e in events if e["choices"])
+    assert [e["stop"] for e in events][-1] is True and not any(e["stop"] for e in events[:-1])
+
+
+def test_prompt_objects_and_token_arrays_are_llamacpp_prompts(router):
+    one = router.post("/completion", {"prompt": {"prompt_string": "The sky is"}, "temperature": 0, "max_tokens": 3})
+    assert one.status_code == 200 and one.json()["content"], one.text
+    ids = router.post("/tokenize", {"content": "The sky is"}).json()["tokens"]
+    many = router.post("/completion", {"prompt": [ids, {"prompt_string": "The sky is"}], "temperature": 0,
+                                       "max_tokens": 3})
+    assert many.status_code == 200 and [r["content"] for r in many.json()] == [one.json()["content"]] * 2
+    image = router.post("/completion", {"prompt": {"prompt_string": "<__media__>", "multimodal_data": ["aGk="]}})
+    assert image.status_code == 400 and "multimodal" in image.json()["error"]["message"]
+
+
+def test_generation_settings_list_the_logit_biases(router):
+    body = router.post("/completion", {"prompt": "Hi", "n_predict": 2, "ignore_eos": True,
+                                       "logit_bias": [[42, -1.5], [43, False]]}).json()
+    bias = body["generation_settings"]["logit_bias"]
+    assert {"bias": -1.5, "token": 42} in bias and {"bias": None, "token": 43} in bias
+    eog = [b for b in bias if b["token"] not in (42, 43)]
+    assert eog and all(b["bias"] is None for b in eog)  # ignore_eos bans the end-of-generation tokens
+    plain = router.post("/completion", {"prompt": "Hi", "n_predict": 2}).json()
+    assert plain["generation_settings"]["logit_bias"] == []
+
+
+def test_a_cors_preflight_is_200(router):
+    r = requests.options(router.url + "/completions", headers={"Origin": "http://localhost",
+                                                               "Access-Control-Request-Method": "POST"}, timeout=30)
+    assert r.status_code == 200

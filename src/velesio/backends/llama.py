@@ -189,7 +189,7 @@ class LlamaCppBackend(Backend):
                 "size": meta.get("general.size_label", ""), "type": "chat" if self.chat_template else "completion",
                 "model_path": path, "operations": ops, "engine": engine, "device": "cuda" if n_gpu_layers and
                 llama_cpp.llama_supports_gpu_offload() else "cpu",
-                "n_threads": self.n_threads, "n_threads_batch": self.n_threads_batch}
+                "n_threads": self.n_threads, "n_threads_batch": self.n_threads_batch, "eog": eog}
 
     # ---- jobs --------------------------------------------------------------------------------
     def run(self, job: Job, ctx: JobContext) -> Result:

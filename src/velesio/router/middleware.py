@@ -67,7 +67,7 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
     origin = request.headers.get("Origin")
     allowed = origin if origin and ("*" in origins or origin in origins) else None
     if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
-        response: web.StreamResponse = web.Response(status=204)
+        response: web.StreamResponse = web.Response(status=200)  # as llama.cpp answers a preflight
     else:
         response = await handler(request)
     if allowed is not None and not response.prepared:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from ..base import Dialect, Route
 from . import routes
-from .completion import error_body, wants
+from .completion import LlamaCppText, error_body, wants
 from .routes import completion
 
-__all__ = ["DIALECT", "completion", "wants"]
+__all__ = ["DIALECT", "LlamaCppText", "completion", "wants"]
 
 DIALECT = Dialect(
     name="llamacpp",

@@ -75,7 +75,11 @@ def wants(body: dict[str, Any]) -> bool:
         if key in LLAMACPP_FIELDS or key.startswith(LLAMACPP_PREFIXES):
             return True
     prompt = body.get("prompt")
-    return isinstance(prompt, list) and any(isinstance(p, int) and not isinstance(p, bool) for p in prompt)
+    if isinstance(prompt, dict):
+        return True  # {"prompt_string": ...}
+    # token ids, or prompts given as token arrays or objects: only llama.cpp reads those
+    return isinstance(prompt, list) and any(isinstance(p, (int, list, dict)) and not isinstance(p, bool)
+                                            for p in prompt)
 
 
 # ---- requests --------------------------------------------------------------------------------
@@ -125,8 +129,13 @@ def _checked(parts: Parts, where: str) -> Parts:
 def _parts(prompt: Any, where: str) -> Parts:
     if isinstance(prompt, str):
         return [prompt]
-    if isinstance(prompt, dict):
-        raise invalid(where, "multimodal prompts are not supported")
+    if isinstance(prompt, dict):  # llama.cpp's {"prompt_string", "multimodal_data"}
+        if prompt.get("multimodal_data"):
+            raise invalid(f"{where}.multimodal_data", "multimodal prompts are not supported")
+        text = prompt.get("prompt_string")
+        if not isinstance(text, str):
+            raise invalid(f"{where}.prompt_string", "is required and must be a string")
+        return [text]
     if not isinstance(prompt, list):
         raise invalid(where, "must be a string, an array of token ids or a mixed array")
     parts: Parts = []
@@ -235,8 +244,22 @@ def _pick(obj: dict[str, Any], fields: list[str]) -> dict[str, Any]:
 
 
 # ---- responses -------------------------------------------------------------------------------
+def _logit_bias(params: TextParams, eog: list[int]) -> list[dict[str, Any]]:
+    """llama.cpp's ``logit_bias`` in ``generation_settings``: ``{"bias", "token"}`` for each token id the
+    request biased (null bans), and each end-of-generation token banned when ``ignore_eos`` (the model's
+    ``eog`` ids, as its worker advertises them). Biases given by string are applied by the worker, which
+    knows the tokens, and are not listed."""
+    out = []
+    for key, bias in params.logit_bias:
+        if isinstance(key, int):
+            out.append({"bias": None if bias is None or bias == float("-inf") else bias, "token": key})
+    if params.ignore_eos:
+        out += [{"bias": None, "token": t} for t in eog]
+    return out
+
+
 def generation_settings(params: TextParams, n_ctx: int, model: str, *, seed: int | None = None,
-                        stream: bool = False) -> dict[str, Any]:
+                        stream: bool = False, eog: list[int] | None = None) -> dict[str, Any]:
     """llama.cpp's ``generation_settings``: n_ctx plus the sampling parameters in effect."""
     return {
         "n_ctx": n_ctx,
@@ -264,6 +287,7 @@ def generation_settings(params: TextParams, n_ctx: int, model: str, *, seed: int
         "n_keep": 0,
         "ignore_eos": params.ignore_eos,
         "stream": stream,
+        "logit_bias": _logit_bias(params, eog or []),
         "n_probs": params.logprobs or 0,
         "post_sampling_probs": params.post_sampling_probs,
         "grammar": params.grammar or "",
@@ -305,10 +329,11 @@ class LlamaCppText:
     done_marker = False
 
     def __init__(self, job: Job, *, n_ctx: int = 0, fields: list[str] | None = None, return_tokens: bool = False,
-                 index: int = 0):
+                 index: int = 0, eog: list[int] | None = None):
         assert isinstance(job.params, TextParams)
         self.job = job
         self.index = index  # the prompt's index in the request's list of prompts
+        self.eog = eog or []  # the model's end-of-generation token ids (generation_settings.logit_bias)
         self.return_tokens = return_tokens
         self.params = job.params
         self.n_ctx = n_ctx
@@ -329,7 +354,7 @@ class LlamaCppText:
             "tokens_predicted": predicted_n,
             "tokens_evaluated": prompt_n,
             "generation_settings": generation_settings(self.params, self.n_ctx, self.job.model, seed=result.seed,
-                                                       stream=self.job.stream),
+                                                       stream=self.job.stream, eog=self.eog),
             "prompt": self.params.prompt,
             "has_new_line": "\n" in text,
             "truncated": False,

@@ -258,8 +258,9 @@ async def completion(request: web.Request, body: dict[str, Any]) -> web.StreamRe
     jobs = admission.siblings(admitted, [dataclasses.replace(job.params, prompt=t) for t in texts])
     n_ctx = int(admitted.meta.get("n_ctx") or 0)
     fields, return_tokens = llamacpp.response_fields(body), get_bool(body, "return_tokens")
-    renderers = [llamacpp.LlamaCppText(a.job, n_ctx=n_ctx, fields=fields, return_tokens=return_tokens, index=i)
-                 for i, a in enumerate(jobs)]
+    eog = [t for t in admitted.meta.get("eog") or () if isinstance(t, int)]
+    renderers = [llamacpp.LlamaCppText(a.job, n_ctx=n_ctx, fields=fields, return_tokens=return_tokens, index=i,
+                                       eog=eog) for i, a in enumerate(jobs)]
     if len(jobs) == 1:
         return await respond(request, jobs[0], renderers[0])
     return await respond_choices(request, jobs, llamacpp.LlamaCppChoices(renderers))

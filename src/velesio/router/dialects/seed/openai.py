@@ -16,6 +16,7 @@ import time
 import uuid
 from typing import Any
 
+from velesio import __version__
 from velesio.mesh.jobs import Job
 from velesio.mesh.params import MAX_TOKENS, TextParams, TextResult
 
@@ -107,6 +108,8 @@ def _constraint(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# llama.cpp's server names its build, "b<build>-<commit>"; we name ours the same way
+SYSTEM_FINGERPRINT = f"b{__version__}-velesio"
 MAX_CHOICES = 16  # the most choices one request may ask for (n, times the prompts of a legacy completion)
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs (its legacy completions allow 5; we allow 20 there too)
 
@@ -224,7 +227,7 @@ class OpenAIText:
 
     def _envelope(self, obj: str, choices: list, **extra: Any) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.job.model,
-                "system_fingerprint": "velesio", "choices": choices, **extra}
+                "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices, **extra}
 
     def render(self, result: TextResult) -> dict[str, Any]:
         text = result.text

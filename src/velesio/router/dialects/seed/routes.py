@@ -1,5 +1,6 @@
 """The seed's and OpenAI's text routes. POST /completion is shared with llama.cpp's dialect: a body that
-uses a field only llama.cpp knows is answered by dialects/llamacpp (``llamacpp.wants``)."""
+uses a field only llama.cpp knows is answered by dialects/llamacpp (``llamacpp.wants``); any other gets the
+seed's shape with llama.cpp's keys beside it (seed/both.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from velesio.mesh.params import TextParams
 
 from ... import admission
 from ...keys import SCHEDULER
-from ...relay import respond, respond_choices
+from ...relay import Renderer, respond, respond_choices
 from ...validation import read_body, read_json
 from .. import llamacpp
 from ..base import Dialect
 from . import openai
+from .both import BothShapes
 
 
 async def completion(request: web.Request) -> web.StreamResponse:
@@ -25,14 +27,14 @@ async def completion(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     if llamacpp.wants(body):
         return await llamacpp.completion(request, body)
-    return await v1_completion(request, body)
+    return await v1_completion(request, body, both=True)
 
 
-async def v1_completion(request: web.Request, body: dict | None = None) -> web.StreamResponse:
+async def v1_completion(request: web.Request, body: dict | None = None, both: bool = False) -> web.StreamResponse:
     body = await read_json(request) if body is None else body
     job = openai.parse_completion(body)
     prompts = openai.completion_prompts(body)
-    return await _answer(request, body, job, prompts, openai.choices_per_prompt(body, len(prompts)))
+    return await _answer(request, body, job, prompts, openai.choices_per_prompt(body, len(prompts)), both)
 
 
 async def v1_completions(request: web.Request) -> web.StreamResponse:
@@ -45,13 +47,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _answer(request, body, job, None, openai.choices_per_prompt(body))
 
 
-async def _answer(request: web.Request, body: dict, job: Job, prompts: list[str] | None,
-                  n: int) -> web.StreamResponse:
-    """Admit ``job`` and answer it: alone, or as one job per choice (``n`` per prompt) side by side."""
+async def _answer(request: web.Request, body: dict, job: Job, prompts: list[str] | None, n: int,
+                  both: bool = False) -> web.StreamResponse:
+    """Admit ``job`` and answer it: alone (``both``: with llama.cpp's keys too), or as one job per choice
+    (``n`` per prompt) side by side."""
     admitted = await admission.admit(request, job)
     usage = openai.include_usage(body)
     if n == 1 and (prompts is None or len(prompts) == 1):
-        return await respond(request, admitted, openai.OpenAIText(admitted.job, usage_chunk=usage))
+        renderer: Renderer = openai.OpenAIText(admitted.job, usage_chunk=usage)
+        if both:
+            n_ctx = int(admitted.meta.get("n_ctx") or 0)
+            renderer = BothShapes(openai.OpenAIText(admitted.job, usage_chunk=usage),
+                                  llamacpp.LlamaCppText(admitted.job, n_ctx=n_ctx))
+        return await respond(request, admitted, renderer)
     assert isinstance(job.params, TextParams)
     params, prompt_of = openai.choice_params(job.params, prompts, n)
     jobs = admission.siblings(admitted, list(params))
