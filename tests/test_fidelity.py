@@ -229,3 +229,43 @@ def test_a_cors_preflight_is_200(router):
     r = requests.options(router.url + "/completions", headers={"Origin": "http://localhost",
                                                                "Access-Control-Request-Method": "POST"}, timeout=30)
     assert r.status_code == 200
+
+
+def test_a_final_assistant_message_is_continued(router):
+    turns = [{"role": "user", "content": "What is the best book?"}, {"role": "assistant", "content": "Whill"}]
+    prompt = router.post("/apply-template", {"messages": turns}).json()["prompt"]
+    assert prompt.endswith("<|im_start|>assistant\nWhill")  # prefilled, as llama.cpp renders it
+    explicit = router.post("/apply-template", {"messages": turns, "add_generation_prompt": False,
+                                               "continue_final_message": True}).json()["prompt"]
+    assert explicit == prompt
+    closed = router.post("/apply-template", {"messages": turns, "add_generation_prompt": False}).json()["prompt"]
+    assert closed.endswith("Whill<|im_end|>\n")
+    r = router.post("/v1/chat/completions", {"messages": turns, "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200 and not r.json()["choices"][0]["message"]["content"].startswith("Whill")
+    for bad in ({"messages": turns, "continue_final_message": True, "add_generation_prompt": True},
+                {"messages": turns[:1], "continue_final_message": True},
+                {"messages": [*turns, {"role": "assistant", "content": "again"}]}):
+        r = router.post("/v1/chat/completions", {**bad, "max_tokens": 2})
+        assert r.status_code == 400, (bad, r.text)
+
+
+def test_input_tokens_counts_a_chats_prompt(router):
+    chat = router.post("/v1/chat/completions", {"messages": FRANCE, "max_tokens": 1}).json()
+    for path in ("/chat/completions/input_tokens", "/v1/chat/completions/input_tokens"):
+        r = router.post(path, {"messages": FRANCE})
+        assert r.status_code == 200 and r.json() == {"input_tokens": chat["usage"]["prompt_tokens"]}, r.text
+    assert router.post("/chat/completions/input_tokens", {"messages": []}).status_code == 400
+
+
+def test_timings_on_openai_answers_and_truncated_at_a_full_context(router):
+    whole = router.post("/v1/chat/completions", {"messages": FRANCE, "max_tokens": 3}).json()
+    assert whole["timings"]["predicted_n"] == whole["usage"]["completion_tokens"]
+    raw = sse_events(stream(router, "/v1/chat/completions", {"messages": FRANCE, "max_tokens": 3,
+                                                             "stream_options": {"include_usage": True}}))
+    last = json.loads(raw[-2])
+    assert last["choices"] == [] and last["usage"]
+    assert last["timings"]["predicted_n"] == last["usage"]["completion_tokens"]
+    full = router.post("/completion", {"prompt": "Hi", "n_predict": -1, "ignore_eos": True}).json()
+    assert full["truncated"] is True and full["tokens_evaluated"] + full["tokens_predicted"] == N_CTX
+    short = router.post("/completion", {"prompt": "Hi", "n_predict": 3, "ignore_eos": True}).json()
+    assert short["truncated"] is False and short["stop_type"] == "limit"

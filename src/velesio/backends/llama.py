@@ -201,18 +201,24 @@ class LlamaCppBackend(Backend):
         if isinstance(p, DetokenizeParams):
             return self._detokenize(self._vocab, p)
         if isinstance(p, TemplateParams):
-            return TemplateResult(prompt=self._render_chat(p.messages, p.add_generation_prompt)[0])
+            return TemplateResult(prompt=self._render_chat(p.messages, p.add_generation_prompt,
+                                                           p.continue_final_message)[0])
         if isinstance(p, TextParams) and job.op == "chat":
-            prompt, stops = self._render_chat(p.messages)
+            prompt, stops = self._render_chat(p.messages, continue_final=p.continue_final_message)
             return self._generate(prompt, p, ctx, extra_stops=stops)
         if isinstance(p, TextParams) and job.op == "completion":
             return self._generate(p.prompt, p, ctx)
         raise NotSupported(f"operation '{job.op}' is not served by {self.name}")
 
-    def _render_chat(self, messages: list[dict[str, str]],
-                     add_generation_prompt: bool = True) -> tuple[str, list[str]]:
+    def _render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                     continue_final: bool = False) -> tuple[str, list[str]]:
         """(prompt, stop strings) of a chat; without the assistant's turn opening when
-        ``add_generation_prompt`` is false. A template that refuses the messages is a 400."""
+        ``add_generation_prompt`` is false. ``continue_final``: the last message is the assistant's, and the
+        prompt ends with its text inside an open assistant turn (the messages before it rendered with the
+        turn opening, then its text), as llama.cpp prefills. A template that refuses the messages is a 400."""
+        if continue_final and len(messages) > 1 and messages[-1].get("role") == "assistant":
+            prompt, stops = self._render_chat(messages[:-1])
+            return prompt + str(messages[-1].get("content") or ""), stops
         if self._formatter is None:
             prompt, stops = render_plain_chat(messages)
             if not add_generation_prompt and prompt.endswith("assistant:"):

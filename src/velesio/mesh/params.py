@@ -61,6 +61,7 @@ class TextParams:
 
     prompt: str = ""  # completion
     messages: list[dict[str, Any]] = _list()  # chat: [{"role", "content"}], content a string
+    continue_final_message: bool = False  # chat: the last message is the assistant's: continue its text
     max_tokens: int = 150  # -1: until end of text or context; 0: evaluate the prompt only
     temperature: float = 0.7
     top_p: float = 0.9
@@ -137,6 +138,7 @@ class TemplateParams:
 
     messages: list[dict[str, Any]] = _list()
     add_generation_prompt: bool = True  # end with the assistant's turn opening (llama.cpp's default)
+    continue_final_message: bool = False  # the last message is the assistant's: end with its open text
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -263,6 +263,24 @@ def get_messages(body: dict, name: str = "messages", *, tool_fields: bool = Fals
     return messages
 
 
+def get_continuation(body: dict, messages: list[dict[str, Any]]) -> bool:
+    """Whether a chat that ends with an assistant message continues it (assistant prefill, llama.cpp's
+    default; ``continue_final_message``, vLLM's explicit form) rather than closing it and opening a new
+    turn; the rendered prompt then ends with that message's text. 400 for what llama.cpp refuses:
+    ``continue_final_message`` with ``add_generation_prompt`` true, or without a final assistant message, and
+    two assistant messages at the end."""
+    continue_final = get_bool(body, "continue_final_message")
+    add_prompt = body.get("add_generation_prompt")
+    if continue_final and add_prompt is True:
+        raise invalid("continue_final_message", "cannot be true together with add_generation_prompt")
+    ends_with_assistant = messages[-1]["role"] == "assistant"
+    if continue_final and not ends_with_assistant:
+        raise invalid("continue_final_message", "needs a final assistant message to continue")
+    if ends_with_assistant and len(messages) > 1 and messages[-2]["role"] == "assistant":
+        raise invalid("messages", "cannot end with two or more assistant messages")
+    return ends_with_assistant and (continue_final or add_prompt is not False)
+
+
 def get_model(body: dict) -> str | None:
     return get_str(body, "model", None) or None
 

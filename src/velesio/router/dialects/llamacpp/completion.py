@@ -357,7 +357,8 @@ class LlamaCppText:
                                                        stream=self.job.stream, eog=self.eog),
             "prompt": self.params.prompt,
             "has_new_line": "\n" in text,
-            "truncated": False,
+            # llama.cpp's: the prompt and the reply filled the sequence's context (generation stopped there)
+            "truncated": bool(self.n_ctx) and stop_type == "limit" and prompt_n + predicted_n >= self.n_ctx,
             "stop_type": stop_type,
             "stopping_word": result.stopping_word,
             "tokens_cached": prompt_n + predicted_n,

@@ -38,7 +38,7 @@ from ... import admission
 from ...errors import ApiError, invalid
 from ...keys import SCHEDULER
 from ...relay import dumps, respond, respond_choices, result_of
-from ...validation import get_bool, get_messages, get_model, get_str, read_json
+from ...validation import get_bool, get_continuation, get_messages, get_model, get_str, read_json
 from ..base import CHOSEN
 from . import completion as llamacpp
 from . import embeddings as embeddings_io
@@ -113,8 +113,10 @@ async def template(request: web.Request) -> web.Response:
 
 async def apply_template(request: web.Request) -> web.Response:
     body = await read_json(request, allow_empty=True)
-    params = TemplateParams(messages=get_messages(body),
-                            add_generation_prompt=get_bool(body, "add_generation_prompt", True))
+    messages = get_messages(body)
+    continue_final = get_continuation(body, messages)
+    params = TemplateParams(messages=messages, continue_final_message=continue_final,
+                            add_generation_prompt=get_bool(body, "add_generation_prompt", True) or continue_final)
     job = Job(op="apply_template", model=get_model(body) or "", params=params)
     result = await _run(request, job, TemplateResult)
     return _json({"prompt": result.prompt})

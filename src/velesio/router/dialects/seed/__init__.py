@@ -15,6 +15,8 @@ DIALECT = Dialect(
         Route("POST", "/v1/completions", routes.v1_completions),
         Route("POST", "/chat/completions", routes.chat_completions),
         Route("POST", "/v1/chat/completions", routes.chat_completions),
+        Route("POST", "/chat/completions/input_tokens", routes.chat_input_tokens),
+        Route("POST", "/v1/chat/completions/input_tokens", routes.chat_input_tokens),
         Route("GET", "/v1/models", routes.v1_models),
     ),
     error_body=seed_error,

@@ -25,6 +25,7 @@ from ...validation import (
     check_grammar,
     check_json_schema,
     get_bool,
+    get_continuation,
     get_float,
     get_int,
     get_logit_bias,
@@ -35,6 +36,7 @@ from ...validation import (
 )
 from .. import logprobs
 from ..base import seed_error
+from ..llamacpp.completion import timings
 from . import tools
 
 
@@ -184,8 +186,11 @@ def choice_params(params: TextParams, prompts: list[str] | None, n: int) -> tupl
 
 def parse_chat(body: dict[str, Any]) -> Job:
     plan = tools.get_plan(body)  # tool calling (seed/tools.py): None when the model is to call no tool
-    messages = tools.prompt_messages(get_messages(body, tool_fields=True), plan)
-    params = TextParams(messages=messages, **tools.constrain(_common_params(body), plan), **_chat_logprobs(body))
+    given = get_messages(body, tool_fields=True)
+    continue_final = get_continuation(body, given) and not given[-1].get("tool_calls")
+    messages = tools.prompt_messages(given, plan)
+    params = TextParams(messages=messages, continue_final_message=continue_final,
+                        **tools.constrain(_common_params(body), plan), **_chat_logprobs(body))
     job = Job(op="chat", model=get_model(body) or "", params=params, stream=get_bool(body, "stream"))
     if plan is not None and job.stream and params.logprobs is not None:
         # a stream with tools is sent whole at its end (seed/tools.py): no piece to hang probabilities on
@@ -238,9 +243,9 @@ class OpenAIText:
                 message, finish = tools.message(text, finish, self.tools)
             choice = {"index": self.index, "message": message, "logprobs": self._logprobs(result.probs),
                       "finish_reason": finish}
-            return self._envelope("chat.completion", [choice], usage=_usage(result))
+            return self._envelope("chat.completion", [choice], usage=_usage(result), timings=timings(result))
         choice = {"text": text, "index": self.index, "logprobs": self._logprobs(result.probs), "finish_reason": finish}
-        return self._envelope("text_completion", [choice], usage=_usage(result))
+        return self._envelope("text_completion", [choice], usage=_usage(result), timings=timings(result))
 
     # ---- streaming ---------------------------------------------------------------------------
     def _logprobs(self, probs: Any) -> dict[str, Any] | None:
@@ -284,12 +289,15 @@ class OpenAIText:
             events = [self._chunk(delta, None) for delta in found]
         events.append(self._chunk({} if self.chat else "", finish))
         if self.usage_at_end:
-            events.append(self.usage_event(_usage(result)))
+            events.append(self.usage_event(_usage(result), timings(result)))
         return events
 
-    def usage_event(self, usage: dict[str, Any]) -> dict[str, Any]:
-        """``stream_options.include_usage``'s last chunk: no choices, the usage."""
-        return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage)
+    def usage_event(self, usage: dict[str, Any], times: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``stream_options.include_usage``'s last chunk: no choices, the usage (and, as llama.cpp sends it,
+        the job's ``timings``)."""
+        extra = {"timings": times} if times else {}
+        return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage,
+                              **extra)
 
     def error(self, err: ApiError) -> list[dict[str, Any]]:
         return [seed_error(err)]

@@ -9,11 +9,11 @@ import json
 from aiohttp import web
 
 from velesio.mesh.jobs import Job
-from velesio.mesh.params import TextParams
+from velesio.mesh.params import TemplateParams, TemplateResult, TextParams, TokenizeParams, TokenizeResult
 
 from ... import admission
 from ...keys import SCHEDULER
-from ...relay import Renderer, respond, respond_choices
+from ...relay import Renderer, respond, respond_choices, result_of
 from ...validation import read_body, read_json
 from .. import llamacpp
 from ..base import Dialect
@@ -45,6 +45,23 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     job = openai.parse_chat(body)
     return await _answer(request, body, job, None, openai.choices_per_prompt(body))
+
+
+async def chat_input_tokens(request: web.Request) -> web.Response:
+    """POST /chat/completions/input_tokens (llama.cpp's): ``{"input_tokens": n}``, the tokens the chat's
+    prompt (as a chat completion would render it, tools included) takes, counted by the model's worker."""
+    body = await read_json(request)
+    job = openai.parse_chat(body)
+    assert isinstance(job.params, TextParams)
+    template = Job(op="apply_template", model=job.model,
+                   params=TemplateParams(messages=job.params.messages,
+                                         continue_final_message=job.params.continue_final_message))
+    rendered = await result_of(request, await admission.admit(request, template))
+    assert isinstance(rendered, TemplateResult)
+    count = Job(op="tokenize", model=template.model, params=TokenizeParams(content=rendered.prompt, add_special=True))
+    tokens = await result_of(request, await admission.admit(request, count))
+    assert isinstance(tokens, TokenizeResult)
+    return web.json_response({"input_tokens": len(tokens.tokens)})
 
 
 async def _answer(request: web.Request, body: dict, job: Job, prompts: list[str] | None, n: int,
