@@ -12,7 +12,7 @@ MESH_BIND ?= tcp://127.0.0.1:5555
 # (the scenario then says skipped), as does LLAMA_SERVER=/path/to/llama-server (that binary is used).
 LLAMA_SERVER_BUILD ?= auto
 
-.PHONY: setup run lint test bench llama-server clean
+.PHONY: setup run lint test bench llama-server llamacpp-suite clean
 
 $(VENV)/.installed: pyproject.toml Makefile plugins/example-echo/pyproject.toml plugins/openai-upstream/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ bench: setup
 # llama.cpp's own server, from the llama.cpp that the installed llama-cpp-python vendors, into .cache/llama-server/
 llama-server: setup
 	PYTHON=$(PY) bench/build_llama_server.sh
+
+# llama.cpp's own server test suite against a router and a worker that stand in for llama-server (not part of
+# `make test`): results in .cache/llamacpp-suite/summary.md, the reviewed report in bench/llamacpp_suite/RESULTS.md
+llamacpp-suite: setup
+	PYTHON=$(PY) bench/llamacpp_suite/run.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
