@@ -240,7 +240,8 @@ def markdown(results: dict[str, Any]) -> str:
                             rows) + [""]
     if "affinity" in sc:
         a = sc["affinity"]
-        lines += [f"**7. Cache-aware routing** — {a['workers']} workers ({a['slots']} slots, {a['threads']} thread "
+        lines += [f"**7. Cache-aware routing** — {a['workers']} workers ({a['slots']} slots, "
+                  f"{a.get('cache_sequences', 0)} cached sequences, {a['threads']} thread "
                   f"each), {a['conversations']} conversations of {a['turns']} turns sharing a system prompt, all at "
                   f"once, {a['max_tokens']} tokens per reply; medians of {len(a['rounds']['cache_aware'])} rounds "
                   "per mode, the modes in turn.", ""]
