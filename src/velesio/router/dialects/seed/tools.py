@@ -43,7 +43,7 @@ class ToolPlan:
     functions: list[dict[str, Any]]  # [{"name", "description"?, "parameters"}]
     choice: str = "auto"
     name: str | None = None
-    parallel: bool = True
+    parallel: bool = False  # llama.cpp's default (OpenAI's is true): one call per reply unless asked
     legacy: bool = False  # functions / function_call: answer with message.function_call
 
     @property
@@ -164,7 +164,9 @@ def get_plan(body: dict[str, Any]) -> ToolPlan | None:
     any (no tools, or ``tool_choice: "none"``)."""
     functions, legacy = _declared(body)
     choice, name = _choice(body, [f["name"] for f in functions], legacy)
-    parallel = get_bool(body, "parallel_tool_calls", True) and not legacy
+    # Default false, as llama.cpp's server: a small model offered a list of calls tends to repeat one until
+    # max_tokens cuts the reply; a client that wants several calls in one reply says so.
+    parallel = get_bool(body, "parallel_tool_calls", False) and not legacy
     if not functions or choice == "none":
         return None
     return ToolPlan(functions, choice, name, parallel, legacy)
