@@ -80,3 +80,17 @@ def test_curve_with_two_routers_of_their_own_keys(start_router, start_worker, tm
     for router in (a, b):
         router.wait_workers({"two-keys"}, timeout=60)
         assert router.post("/completion", {"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
+def test_cors_origins_localhost_means_this_machine():
+    """``cors_origins: ["localhost"]`` allows any origin on this machine (any port), as llama.cpp's
+    ``--cors-origins localhost``, and nothing else."""
+    from velesio.router.middleware import origin_allowed
+
+    local = ["http://localhost", "http://localhost:8080", "http://127.0.0.1:3000", "http://[::1]",
+             "https://localhost:8443"]
+    assert all(origin_allowed(o, ["localhost"]) for o in local)
+    foreign = ["http://web.mydomain.fr", "http://notlocalhost", "http://localhost.evil.com", "http://127.0.0.2"]
+    assert not any(origin_allowed(o, ["localhost"]) for o in foreign)
+    assert origin_allowed("http://web.mydomain.fr", ["*"]) and origin_allowed("http://a.b", ["http://a.b"])
+    assert not origin_allowed("http://a.c", ["http://a.b"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hmac
 import logging
+import re
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -61,11 +62,21 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await error_response(request, ApiError("internal_error", "internal server error"))
 
 
+_LOCAL_ORIGIN = re.compile(r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$")
+
+
+def origin_allowed(origin: str, origins: list[str]) -> bool:
+    """``origin`` is in ``origins``, or ``origins`` has ``"*"`` (any), or ``"localhost"`` and the origin is
+    this machine's (``http(s)://localhost``, ``127.0.0.1`` or ``[::1]``, any port: llama.cpp's
+    ``--cors-origins localhost``)."""
+    return "*" in origins or origin in origins or ("localhost" in origins and bool(_LOCAL_ORIGIN.match(origin)))
+
+
 @web.middleware
 async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     origins = request.app[CONFIG].cors_origins
     origin = request.headers.get("Origin")
-    allowed = origin if origin and ("*" in origins or origin in origins) else None
+    allowed = origin if origin and origin_allowed(origin, origins) else None
     if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
         response: web.StreamResponse = web.Response(status=200)  # as llama.cpp answers a preflight
     else:
