@@ -5,7 +5,6 @@ See the package docstring for the design; this module is the context and the ste
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import random
@@ -104,6 +103,7 @@ class Engine:
         self.eog = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
         self._eog = frozenset(self.eog)
         self._pieces: dict[int, bytes] = {}  # token -> its bytes with special tokens rendered (probabilities)
+        self._special_pieces = PieceDecoder(self.vocab, special=True)
         self._mem = llama_cpp.llama_get_memory(self.ctx)
         self._model_lock = threading.Lock()  # tokenize, grammars (other threads) against freeing the model
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
@@ -466,18 +466,9 @@ class Engine:
     def _token_entry(self, token: int, logprob: float) -> dict[str, Any]:
         piece = self._pieces.get(token)
         if piece is None:
-            piece = self._piece_bytes(token)
-            self._pieces[token] = piece
+            piece = self._pieces[token] = self._special_pieces.piece(token)
         value = logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR  # never -inf or NaN on the wire
         return {"id": token, "token": piece.decode(errors="replace"), "bytes": piece, "logprob": value}
-
-    def _piece_bytes(self, token: int) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
-        return buf.raw[:max(0, n)]
 
     def _finish(self, run: Run, finish: str, stop_type: str) -> None:
         end = time.perf_counter()

@@ -161,17 +161,19 @@ class PieceDecoder:
     """Token ids to text, one token at a time: the bytes of a character that spans tokens are held until
     the character is complete (invalid bytes become U+FFFD)."""
 
-    def __init__(self, vocab: int):
+    def __init__(self, vocab: int, special: bool = False):
         self._vocab = vocab
+        self._special = special
         self._buf = ctypes.create_string_buffer(256)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def piece(self, token: int) -> bytes:
-        """The bytes of ``token`` (special tokens render as nothing, as in llama-cpp-python's text)."""
-        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, False)
+        """The bytes of ``token``; special tokens render as nothing (as in llama-cpp-python's text), or as
+        their text (``<|im_end|>``) with ``special``."""
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, self._special)
         if n < 0:  # the buffer is too small: -n is what it needs
             self._buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, False)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, self._special)
         return self._buf.raw[:max(0, n)]
 
     def feed(self, token: int) -> str:

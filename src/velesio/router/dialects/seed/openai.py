@@ -208,9 +208,13 @@ def include_usage(body: dict[str, Any]) -> bool:
 
 
 def _usage(result: TextResult) -> dict[str, Any]:
-    p, c = result.prompt_tokens, result.completion_tokens
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-            "prompt_tokens_details": {"cached_tokens": min(result.tokens_cached, p)}}
+    return _usage_of(result.prompt_tokens, result.completion_tokens, min(result.tokens_cached, result.prompt_tokens))
+
+
+def _usage_of(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+    """OpenAI's ``usage`` (with ``prompt_tokens_details.cached_tokens``)."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 class OpenAIText:
@@ -260,12 +264,11 @@ class OpenAIText:
 
     def _chunk(self, delta_or_text: Any, finish: str | None, probs: Any = None) -> dict[str, Any]:
         extra = {"usage": None} if self.usage_chunk else {}
+        logprobs_of = self._logprobs(probs) if probs else None
         if self.chat:
-            choice = {"index": self.index, "delta": delta_or_text, "logprobs": self._logprobs(probs) if probs else None,
-                      "finish_reason": finish}
+            choice = {"index": self.index, "delta": delta_or_text, "logprobs": logprobs_of, "finish_reason": finish}
             return self._envelope("chat.completion.chunk", [choice], **extra)
-        choice = {"text": delta_or_text, "index": self.index, "logprobs": self._logprobs(probs) if probs else None,
-                  "finish_reason": finish}
+        choice = {"text": delta_or_text, "index": self.index, "logprobs": logprobs_of, "finish_reason": finish}
         return self._envelope("text_completion", [choice], **extra)
 
     def start(self) -> list[dict[str, Any]]:
@@ -328,11 +331,8 @@ class OpenAIChoices:
 
     def _usage(self, results: list[TextResult]) -> dict[str, Any]:
         prompts = {self.prompt_of[i]: r for i, r in enumerate(results)}  # one result per prompt
-        p = sum(r.prompt_tokens for r in prompts.values())
-        c = sum(r.completion_tokens for r in results)
-        cached = sum(min(r.tokens_cached, r.prompt_tokens) for r in prompts.values())
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+        return _usage_of(sum(r.prompt_tokens for r in prompts.values()), sum(r.completion_tokens for r in results),
+                         sum(min(r.tokens_cached, r.prompt_tokens) for r in prompts.values()))
 
     def render(self, results: list[TextResult]) -> dict[str, Any]:
         bodies = [r.render(result) for r, result in zip(self.each, results, strict=True)]
