@@ -92,6 +92,36 @@ def test_llamacpp_prompt_list_gives_an_array_of_results(router):
         assert result["content"] == alone["content"] and result["tokens_predicted"] == 6 and result["stop"]
 
 
+def test_choices_of_one_prompt_evaluate_it_once(router):
+    """llama.cpp's n_cmpl: choices of one long prompt go to the worker together; one evaluates the prompt,
+    the others copy its KV (llama.cpp's seq_cp) and evaluate only its last token."""
+    prompt = "A long list of the goods on sale at the market: " + ", ".join(f"item {i}" for i in range(60)) + "."
+    r = router.post("/completion", {"prompt": prompt, "n_cmpl": 3, "n_predict": 4, "temperature": 0,
+                                    "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    results = r.json()
+    n_prompt = results[0]["tokens_evaluated"]
+    assert n_prompt > 200 and all(x["tokens_evaluated"] == n_prompt for x in results)
+    assert sorted(x["timings"]["prompt_n"] for x in results) == [1, 1, n_prompt]  # prompt tokens evaluated
+    assert len({x["content"] for x in results}) == 1
+
+
+def test_llamacpp_n_cmpl_indexes_prompt_by_prompt(router):
+    body = {"prompt": ["Once upon a time", "The sea"], "n_predict": 5, "temperature": 1.0, "seed": 5,
+            "ignore_eos": True, "cache_prompt": False}  # evaluated afresh: a seed then reproduces exactly
+    r = router.post("/completion", {**body, "n": 2})  # n is llama.cpp's alias of n_cmpl
+    assert r.status_code == 200, r.text
+    results = r.json()
+    assert [x["index"] for x in results] == [0, 1, 2, 3]
+    # prompt by prompt, each prompt's completions in turn: completion j of a prompt samples with seed + j
+    for k, (prompt, seed) in enumerate([("Once upon a time", 5), ("Once upon a time", 6), ("The sea", 5),
+                                        ("The sea", 6)]):
+        alone = router.post("/completion", {**body, "prompt": prompt, "seed": seed}).json()
+        assert results[k]["content"] == alone["content"]
+    too_many = router.post("/completion", {**body, "n_cmpl": 9})
+    assert too_many.status_code == 400 and "n_cmpl" in too_many.json()["error"]["message"]
+
+
 def test_llamacpp_prompt_list_streams_indexed_events(router):
     r = router.post("/completion", {"prompt": ["One", "Two"], "n_predict": 4, "temperature": 0, "stream": True,
                                     "ignore_eos": True}, stream=True)

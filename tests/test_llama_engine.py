@@ -15,7 +15,7 @@ pytest.importorskip("llama_cpp")
 from velesio.backends import Cancelled, ContextExceeded, InvalidRequest  # noqa: E402
 from velesio.backends.llama import LlamaCppBackend  # noqa: E402
 from velesio.backends.llama_engine import Engine, EngineClosed  # noqa: E402
-from velesio.backends.llama_engine.cache import Slot, common_prefix, pick_slot  # noqa: E402
+from velesio.backends.llama_engine.cache import MIN_COPY, Slot, common_prefix, pick_donor, pick_slot  # noqa: E402
 from velesio.backends.llama_engine.sampling import PieceDecoder  # noqa: E402
 from velesio.mesh.params import TextParams  # noqa: E402
 
@@ -358,6 +358,65 @@ def test_pick_slot_prefers_the_longest_prefix_then_lru():
     a.busy = b.busy = c.busy = True
     assert pick_slot([a, b, c], [1], reuse=True) is None
     assert common_prefix(list(range(200)), [*range(150), 7]) == 150
+
+
+def test_pick_donor_copies_only_what_saves_evaluation():
+    system = list(range(100, 200))
+    taker, cached, running = Slot(0, [1, 2]), Slot(1, system + [5, 6]), Slot(2, [], busy=True)
+    prompt = system + [7, 8, 9]
+    assert pick_donor([taker, cached, running], taker, prompt, 0, {}) == (cached, 100, True)
+    # a job still evaluating a longer prefix is worth waiting for; one with the same gain is not
+    assert pick_donor([taker, cached, running], taker, prompt, 0, {2: prompt}) == (running, len(prompt) - 1, False)
+    assert pick_donor([taker, cached, running], taker, prompt, 0, {2: system}) == (cached, 100, True)
+    # nothing when the taker keeps nearly as much itself, or the saving is under MIN_COPY tokens
+    assert pick_donor([taker, cached], taker, prompt, 100 - MIN_COPY + 1, {}) is None
+    assert pick_donor([taker, cached], taker, system[:MIN_COPY - 1] + [0], 0, {}) is None
+    assert pick_donor([taker], taker, prompt, 0, {}) is None
+
+
+LONG_SYSTEM = "You are the innkeeper of the Prancing Pony in a role-playing game; stay in character. " * 10
+TALK = "<|im_start|>system\n{}<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_choices_sent_together_evaluate_their_prompt_once(engine):
+    """Jobs with one prompt sent at once (a request's n choices): one evaluates it, the others wait for that
+    and copy its KV (tokens_cached is all but the last token), and every text is what a fresh run gives."""
+    prompt = engine.tokenize(TALK.format(LONG_SYSTEM, "What do you sell, and for how much?"))
+    assert len(prompt) > engine.n_batch  # evaluated over more than one step
+    gens = [engine.submit(prompt, greedy(max_tokens=12, ignore_eos=True)) for _ in range(3)]
+    texts = [g.result(WAIT).text for g in gens]
+    assert sorted(g.tokens_cached for g in gens)[1:] == [len(prompt) - 1] * 2
+    assert len({g.seq_id for g in gens}) == 3
+    fresh = engine.submit(prompt, greedy(max_tokens=12, ignore_eos=True, cache_prompt=False))
+    assert texts == [fresh.result(WAIT).text] * 3
+
+
+def test_a_new_conversation_copies_a_shared_system_prompt(engine):
+    """A second player's conversation shares the long system prompt of one that is cached: it copies that
+    prefix into a sequence of its own, and the first conversation stays cached for its next turn."""
+    first = engine.tokenize(TALK.format(LONG_SYSTEM, "Is there a room free tonight?"))
+    engine.submit(first, greedy(max_tokens=8)).result(WAIT)
+    second = engine.tokenize(TALK.format(LONG_SYSTEM, "Have you seen a ranger pass by?"))
+    shared = common_prefix(first, second)
+    gen = engine.submit(second, greedy(max_tokens=8))
+    text = gen.result(WAIT).text
+    assert shared >= MIN_COPY and gen.tokens_cached == shared
+    assert text == engine.submit(second, greedy(max_tokens=8, cache_prompt=False)).result(WAIT).text
+    next_turn = engine.submit(first + engine.tokenize(" Yes.", add_bos=False), greedy(max_tokens=2))
+    next_turn.result(WAIT)
+    assert next_turn.tokens_cached >= len(first)
+
+
+def test_cancelling_the_job_others_wait_for_leaves_them_correct(engine):
+    prompt = engine.tokenize(TALK.format(LONG_SYSTEM, "Tell me a rumour."))
+    donor = engine.submit(prompt, greedy(max_tokens=8))
+    waiting = engine.submit(prompt, greedy(max_tokens=8))
+    assert donor.wait_started(WAIT)  # evaluating its prompt (two steps), the other waiting for it
+    donor.cancel()
+    text = waiting.result(WAIT).text
+    with pytest.raises(Cancelled):
+        donor.result(WAIT)
+    assert text == engine.submit(prompt, greedy(max_tokens=8, cache_prompt=False)).result(WAIT).text
 
 
 # ---- grammar -------------------------------------------------------------------------------------

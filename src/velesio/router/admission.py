@@ -13,12 +13,14 @@ from velesio.mesh.limits import ParamError, check_image, image_limits
 from velesio.mesh.params import ImageParams, Params, TemplateParams, TextParams
 
 from . import aliases
-from .errors import ApiError, context_exceeded
+from .errors import ApiError, context_exceeded, invalid
 from .keys import CONFIG, SCHEDULER, TOKEN_NAME
+from .validation import get_int
 
 # No tokenizer packs more than this many characters into one token on average, so a prompt longer than
 # n_ctx * MAX_CHARS_PER_TOKEN cannot fit: refuse it here instead of tokenizing megabytes on a worker.
 MAX_CHARS_PER_TOKEN = 32
+MAX_CHOICES = 16  # the most choices one request may ask for (n per prompt, times its prompts)
 
 
 @dataclasses.dataclass
@@ -126,3 +128,26 @@ def siblings(admitted: Admitted, params: list[Params]) -> list[Admitted]:
         check(sibling)
         out.append(sibling)
     return out
+
+
+def choices_per_prompt(body: dict[str, Any], prompts: int = 1, field: str = "n") -> int:
+    """The choices wanted per prompt (OpenAI's ``n``, llama.cpp's ``n_cmpl``); all prompts' choices together
+    at most MAX_CHOICES."""
+    n = get_int(body, field, 1, lo=1, hi=MAX_CHOICES)
+    if n * prompts > MAX_CHOICES:
+        raise invalid(field, f"{prompts} prompts with {field}={n} make {n * prompts} choices; at most "
+                      f"{MAX_CHOICES} in one request")
+    return n
+
+
+def choice_params(params: TextParams, prompts: list[str] | None, n: int) -> tuple[list[TextParams], list[int]]:
+    """The params of each choice and the index of the prompt it continues: ``n`` per prompt (``prompts``
+    None: the job's own), in order. A fixed seed gives choice ``j`` of a prompt the seed + ``j``, so that
+    the choices differ and a repeated request gives the same ones."""
+    out, prompt_of = [], []
+    for i, prompt in enumerate(prompts or [params.prompt]):
+        for j in range(n):
+            seed = None if params.seed is None else (params.seed + j) % 2**31
+            out.append(dataclasses.replace(params, prompt=prompt, seed=seed))
+            prompt_of.append(i)
+    return out, prompt_of

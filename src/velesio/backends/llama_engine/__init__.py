@@ -23,8 +23,8 @@ by all sequences because:
 - memory equals what the backend's ``slots: N`` separate contexts use now, so nothing grows on switching.
 
 What it gives up: sequences cannot share the cells of a common prefix (in a unified cache ``seq_cp`` is a
-metadata copy; across streams it copies the whole stream). The prefix cache therefore reuses a sequence in
-place instead of copying (below).
+metadata copy; across streams it copies the whole stream). A prefix is therefore reused in place where the
+sequence holding it is idle and its conversation's, and copied (below) where that saves enough evaluation.
 
 The step loop (one thread, the only one that touches the context): drop cancelled jobs; admit waiting jobs
 while a sequence is idle (they start without waiting for running ones); build ONE ``llama_batch``: the next
@@ -47,9 +47,16 @@ cache, or a chunk boundary set by the neighbours' load), and a different bit can
 
 Prefix cache (``cache.py``): a finished job's tokens stay in its sequence. A new job takes the idle
 sequence sharing the longest prefix with its prompt (ties and no match: least recently used, which evicts
-it), removes the rest of that sequence (``llama_memory_seq_rm``) and evaluates only its own remainder, at
-least the last prompt token. ``Generation.tokens_cached`` reports the reused count. ``cache_prompt: False``
-takes the least recently used sequence and evaluates the whole prompt.
+it; a sequence holding another conversation that merely shares a beginning is left alone), removes the rest
+of that sequence (``llama_memory_seq_rm``) and evaluates only its own remainder, at least the last prompt
+token. Where another sequence, busy or idle, holds a longer prefix (``MIN_COPY`` tokens more), the job
+copies that sequence's KV into its own (``llama_memory_seq_cp``, then ``seq_rm`` of what it does not share):
+a second player whose conversation starts with the same long system prompt evaluates only what differs.
+Where a job still evaluating its prompt will hold that prefix (the ``n`` choices of one request, sent
+together), the new job waits for that evaluation and copies it, as llama.cpp's server does for ``n``;
+if that job ends first, the new one copies whatever of it reached the cache. ``Generation.tokens_cached``
+reports the reused count. ``cache_prompt: False`` takes the least recently used sequence and evaluates the
+whole prompt.
 
 Limits: a prompt of ``n_ctx`` tokens or more raises ``ContextExceeded`` at submit; a generation stops with
 finish "length" (stop_type "limit") at ``max_tokens`` or where the sequence's context is full

@@ -11,7 +11,7 @@ evaluation, it takes the least recently used one (LRU eviction). Pure Python: no
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 
 @dataclasses.dataclass(eq=False)
@@ -67,3 +67,33 @@ def pick_slot(slots: Sequence[Slot], prompt: Sequence[int], reuse: bool) -> tupl
         best = min(idle, key=lambda s: (bool(s.tokens), s.last_used))
         shared = common_prefix(best.tokens, prompt)
     return best, max(0, min(shared, len(prompt) - 1))
+
+
+# Copying another sequence's KV moves that sequence's whole stream (llama.cpp copies across streams whole), so a
+# copy is made only where it saves evaluating at least this many prompt tokens.
+MIN_COPY = 32
+
+
+def pick_donor(slots: Sequence[Slot], taker: Slot, prompt: Sequence[int], keep: int,
+               upcoming: Mapping[int, Sequence[int]]) -> tuple[Slot, int, bool] | None:
+    """Another sequence whose KV holds, or will soon hold, a longer prefix of ``prompt`` than the ``keep``
+    tokens the ``taker`` slot keeps of its own: (that slot, how many tokens to copy, whether they are in its
+    cache already); None when no copy saves ``MIN_COPY`` tokens.
+
+    ``upcoming`` maps the sequence id of a job still evaluating its prompt to that prompt: a job sent beside
+    another with the same prompt (the choices of one request, or players sharing a long system prompt) waits
+    for that evaluation and copies it instead of repeating it. At least one prompt token is always left to
+    evaluate (its logits sample the first token)."""
+    best: tuple[int, bool, Slot] | None = None
+    cap = len(prompt) - 1
+    for slot in slots:
+        if slot is taker:
+            continue
+        now = min(common_prefix(slot.tokens, prompt), cap)
+        later = min(common_prefix(upcoming[slot.seq_id], prompt), cap) if slot.seq_id in upcoming else 0
+        gain, ready = (now, True) if now >= later else (later, False)
+        if best is None or (gain, ready) > best[:2]:
+            best = (gain, ready, slot)
+    if best is None or best[0] < keep + MIN_COPY:
+        return None
+    return best[2], best[0], best[1]

@@ -19,7 +19,7 @@ import numpy as np
 
 from velesio.backends import BackendError, Cancelled, ContextExceeded, InvalidRequest
 from velesio.backends.grammar_guard import guard_for
-from velesio.backends.llama_engine.cache import Slot, pick_slot
+from velesio.backends.llama_engine.cache import MIN_COPY, Slot, common_prefix, pick_donor, pick_slot
 from velesio.backends.llama_engine.jobs import EngineClosed, Generation, OnPiece, Run
 from velesio.backends.llama_engine.sampling import PieceDecoder, Sampler
 from velesio.mesh.params import LOGPROB_FLOOR, TextParams, TextResult
@@ -113,6 +113,7 @@ class Engine:
         np.ctypeslib.as_array(self._batch.n_seq_id, shape=(n_batch,))[:] = 1
         self._slots = [Slot(seq_id=i) for i in range(n_seq)]
         self._runs: list[Run] = []  # started jobs, in the order they started
+        self._can_trim = True  # the memory can drop the end of a sequence (not a recurrent model's)
         self._tick = 0
         # Shared with other threads, under _cond:
         self._cond = threading.Condition()
@@ -274,6 +275,7 @@ class Engine:
     def _step(self) -> None:
         self._drop_cancelled()
         self._admit()
+        self._take_donated()
         batch_runs = self._fill_batch()
         if not batch_runs:
             return
@@ -346,6 +348,7 @@ class Engine:
         if keep < len(slot.tokens):
             if not llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1):
                 # This memory cannot drop part of a sequence (a recurrent model): start it afresh.
+                self._can_trim = False
                 llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
                 keep = 0
             slot.tokens = slot.tokens[:keep]
@@ -360,8 +363,54 @@ class Engine:
         slot.busy = True
         gen.seq_id = slot.seq_id
         gen.tokens_cached = keep
-        self._runs.append(Run(gen, slot, sampler, self.vocab))
+        run = Run(gen, slot, sampler, self.vocab)
+        if gen.params.cache_prompt and self._can_trim:
+            self._find_donor(run)
+        self._runs.append(run)
         gen._started.set()
+
+    # ---- prefixes copied between sequences ----------------------------------------------------
+    def _find_donor(self, run: Run) -> None:
+        """Copy a longer prefix of the run's prompt from another sequence than its own slot kept, or, when a
+        job still evaluating its prompt will hold one (the choices of one request, sent together), wait for
+        that job's evaluation and copy it then (``_take_donated``)."""
+        upcoming = {r.slot.seq_id: r.gen.prompt_tokens for r in self._runs
+                    if r.donor is None and r.n_past < len(r.gen.prompt_tokens)}
+        found = pick_donor(self._slots, run.slot, run.gen.prompt_tokens, run.n_past, upcoming)
+        if found is None:
+            return
+        donor, n, ready = found
+        if ready:
+            self._copy_prefix(run, donor, n)
+        else:
+            run.donor = (next(r for r in self._runs if r.slot is donor), n)
+
+    def _take_donated(self) -> None:
+        """Runs waiting for another's prompt copy it once it is in the cache (or once that job has ended,
+        whatever of it got there); until then they add nothing to the batch."""
+        for run in self._runs:
+            if run.donor is None:
+                continue
+            source, wanted = run.donor
+            if source in self._runs and source.n_past < wanted:
+                continue
+            run.donor = None
+            prompt = run.gen.prompt_tokens
+            n = min(common_prefix(source.slot.tokens, prompt), len(prompt) - 1)
+            if n >= run.n_past + MIN_COPY:
+                self._copy_prefix(run, source.slot, n)
+
+    def _copy_prefix(self, run: Run, donor: Slot, n: int) -> None:
+        """Make the run's sequence hold the first ``n`` tokens of ``donor``'s (what it held is replaced)."""
+        seq = run.slot.seq_id
+        llama_cpp.llama_memory_seq_cp(self._mem, donor.seq_id, seq, -1, -1)  # across streams: the whole stream
+        if not llama_cpp.llama_memory_seq_rm(self._mem, seq, n, -1):
+            self._can_trim = False
+            llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
+            n = 0
+        run.slot.tokens = donor.tokens[:n]
+        run.n_past = n
+        run.gen.tokens_cached = n
 
     def _add(self, token: int, pos: int, seq_id: int, logits: bool) -> int:
         i = self._batch.n_tokens
@@ -385,7 +434,7 @@ class Engine:
             if room <= 0:
                 break
             prompt = run.gen.prompt_tokens
-            if run.pending is not None or run.n_past >= len(prompt):
+            if run.pending is not None or run.donor is not None or run.n_past >= len(prompt):
                 continue
             n = min(room, len(prompt) - run.n_past)
             out = -1

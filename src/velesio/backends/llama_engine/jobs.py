@@ -101,6 +101,8 @@ class Run:
         self.sampler = sampler
         self.n_past = len(slot.tokens)  # prompt tokens in the KV cache so far
         self.pending: int | None = None  # a sampled token to decode at position n_past
+        # (a job evaluating the same prompt, how many of its tokens to copy once they are in its cache)
+        self.donor: tuple[Run, int] | None = None
         self.n_sampled = 0
         self.decoder = PieceDecoder(vocab)
         self.matcher = StopMatcher([*gen.params.stop, *gen._stops])

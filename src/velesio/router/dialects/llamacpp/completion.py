@@ -10,9 +10,12 @@ token-array prompt is answered here, in llama.cpp's shapes:
   fixed seed like any other);
 - a prompt is a string, a token array or a mixed array (``[12, "text", 34]``); token runs are turned into
   text with a ``detokenize`` job first. A list of prompts (``["a", [12, 34], ...]``, at most
-  ``MAX_PROMPTS``) runs one job each, side by side: the answer is an array of results (a stream interleaves
-  their events), each with its ``index``, as llama.cpp answers;
-- fields that change nothing here are accepted and ignored: ``id_slot``, ``cache_prompt``, ``n_keep``,
+  ``MAX_PROMPTS``) runs one job each, ``n_cmpl`` (alias ``n``) jobs each when asked (prompts × n_cmpl at
+  most 16), side by side: the answer is an array of results (a stream interleaves their events), each with
+  its ``index`` (prompt by prompt, its completions in turn), as llama.cpp answers;
+- ``cache_prompt`` (default true) as llama.cpp: false evaluates the whole prompt afresh (a fixed seed then
+  reproduces exactly; a prefix from the cache can change the logits' last bits);
+- fields that change nothing here are accepted and ignored: ``id_slot``, ``n_keep``,
   ``tfs_z``, ``penalize_nl``, ``penalty_prompt``, ``messages``, ``dry_*``, ``xtc_*``, ``dynatemp_*``,
   ``samplers``, ``n_indent``, ``lora`` ...; ``logit_bias`` (list or object form, ``false`` bans) is
   honoured; each stream event carries its piece's token ids in ``tokens``, and ``return_tokens`` puts
@@ -52,7 +55,7 @@ LLAMACPP_FIELDS = frozenset({
     "mirostat", "mirostat_tau", "mirostat_eta", "ignore_eos", "json_schema", "grammar", "tfs_z", "penalize_nl",
     "penalty_prompt", "n_probs", "min_p", "samplers", "return_tokens", "n_indent", "n_cache_reuse", "min_keep",
     "t_max_predict_ms", "timings_per_token", "return_progress", "post_sampling_probs", "response_fields", "lora",
-    "top_n_sigma",
+    "top_n_sigma", "n_cmpl",
 })
 LLAMACPP_PREFIXES = ("dry_", "xtc_", "dynatemp_")
 
@@ -211,7 +214,8 @@ def parse(body: dict[str, Any], prompt: str | None = None) -> Job:
                               "seed": _seed(body), "ignore_eos": get_bool(body, "ignore_eos"), "grammar": grammar,
                               "json_schema": schema if isinstance(schema, dict) else None,
                               "logit_bias": get_logit_bias(body), "logprobs": n_probs or None,
-                              "post_sampling_probs": get_bool(body, "post_sampling_probs")}
+                              "post_sampling_probs": get_bool(body, "post_sampling_probs"),
+                              "cache_prompt": get_bool(body, "cache_prompt", True)}
     for name, value in body.items():  # a request names a few of the sampling fields; the others keep defaults
         read = SAMPLING.get(name)
         if read is not None and value is not None:

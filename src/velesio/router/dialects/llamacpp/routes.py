@@ -14,7 +14,6 @@ Unity v2 (its UnityWebRequest always sends ``X-Unity-Version``; it parses an obj
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -242,7 +241,8 @@ async def detokenize_parts(request: web.Request, parts: list[str | list[int]], m
 
 
 async def completion(request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
-    """POST /completion in llama.cpp's dialect: one prompt, or a list of them run side by side."""
+    """POST /completion in llama.cpp's dialect: one prompt, or a list of them, each ``n_cmpl`` times; the
+    jobs run side by side."""
     from . import DIALECT  # this package's __init__ builds it from these routes
 
     request[CHOSEN] = DIALECT
@@ -257,7 +257,9 @@ async def completion(request: web.Request, body: dict[str, Any]) -> web.StreamRe
             raise invalid("prompt" if len(prompts) == 1 else f"prompt[{i}]",
                           "must not be empty (the token ids are no text)")
         texts.append(text)
-    jobs = admission.siblings(admitted, [dataclasses.replace(job.params, prompt=t) for t in texts])
+    # llama.cpp's n_cmpl (alias n): completions per prompt, indexed prompt by prompt
+    n = admission.choices_per_prompt(body, len(texts), "n_cmpl" if "n_cmpl" in body else "n")
+    jobs = admission.siblings(admitted, list(admission.choice_params(job.params, texts, n)[0]))
     n_ctx = int(admitted.meta.get("n_ctx") or 0)
     fields, return_tokens = llamacpp.response_fields(body), get_bool(body, "return_tokens")
     eog = [t for t in admitted.meta.get("eog") or () if isinstance(t, int)]

@@ -11,7 +11,6 @@ serves any chat template; ``response_format`` json_object / json_schema, and lla
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import uuid
 from typing import Any
@@ -20,6 +19,7 @@ from velesio import __version__
 from velesio.mesh.jobs import Job
 from velesio.mesh.params import MAX_TOKENS, TextParams, TextResult
 
+from ...admission import MAX_CHOICES
 from ...errors import ApiError, invalid
 from ...validation import (
     check_grammar,
@@ -112,7 +112,6 @@ def _constraint(body: dict[str, Any]) -> dict[str, Any]:
 
 # llama.cpp's server names its build, "b<build>-<commit>"; we name ours the same way
 SYSTEM_FINGERPRINT = f"b{__version__}-velesio"
-MAX_CHOICES = 16  # the most choices one request may ask for (n, times the prompts of a legacy completion)
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs (its legacy completions allow 5; we allow 20 there too)
 
 
@@ -140,15 +139,6 @@ def _completion_logprobs(body: dict[str, Any]) -> dict[str, Any]:
     return {"logprobs": n, "post_sampling_probs": get_bool(body, "post_sampling_probs")}
 
 
-def choices_per_prompt(body: dict[str, Any], prompts: int = 1) -> int:
-    """``n``: the choices wanted per prompt; all prompts' choices together at most MAX_CHOICES."""
-    n = get_int(body, "n", 1, lo=1, hi=MAX_CHOICES)
-    if n * prompts > MAX_CHOICES:
-        raise invalid("n", f"{prompts} prompts with n={n} make {n * prompts} choices; at most {MAX_CHOICES} "
-                      "in one request")
-    return n
-
-
 def completion_prompts(body: dict[str, Any]) -> list[str]:
     """A legacy completion's prompts: a string, or a list of strings (one choice, or ``n``, each)."""
     prompt = body.get("prompt")
@@ -169,19 +159,6 @@ def parse_completion(body: dict[str, Any]) -> Job:
         raise invalid("echo", "echo is not supported")
     params = TextParams(prompt=prompts[0], **_common_params(body), **_completion_logprobs(body))
     return Job(op="completion", model=get_model(body) or "", params=params, stream=get_bool(body, "stream"))
-
-
-def choice_params(params: TextParams, prompts: list[str] | None, n: int) -> tuple[list[TextParams], list[int]]:
-    """The params of each choice and the index of the prompt it continues: ``n`` per prompt (``prompts``
-    None: the job's own), in order. A fixed seed gives choice ``j`` of a prompt the seed + ``j``, so that
-    the choices differ and a repeated request gives the same ones."""
-    out, prompt_of = [], []
-    for i, prompt in enumerate(prompts or [params.prompt]):
-        for j in range(n):
-            seed = None if params.seed is None else (params.seed + j) % 2**31
-            out.append(dataclasses.replace(params, prompt=prompt, seed=seed))
-            prompt_of.append(i)
-    return out, prompt_of
 
 
 def parse_chat(body: dict[str, Any]) -> Job:

@@ -34,7 +34,7 @@ async def v1_completion(request: web.Request, body: dict | None = None, both: bo
     body = await read_json(request) if body is None else body
     job = openai.parse_completion(body)
     prompts = openai.completion_prompts(body)
-    return await _answer(request, body, job, prompts, openai.choices_per_prompt(body, len(prompts)), both)
+    return await _answer(request, body, job, prompts, admission.choices_per_prompt(body, len(prompts)), both)
 
 
 async def v1_completions(request: web.Request) -> web.StreamResponse:
@@ -44,7 +44,7 @@ async def v1_completions(request: web.Request) -> web.StreamResponse:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     job = openai.parse_chat(body)
-    return await _answer(request, body, job, None, openai.choices_per_prompt(body))
+    return await _answer(request, body, job, None, admission.choices_per_prompt(body))
 
 
 async def chat_input_tokens(request: web.Request) -> web.Response:
@@ -78,7 +78,7 @@ async def _answer(request: web.Request, body: dict, job: Job, prompts: list[str]
                                   llamacpp.LlamaCppText(admitted.job, n_ctx=n_ctx))
         return await respond(request, admitted, renderer)
     assert isinstance(job.params, TextParams)
-    params, prompt_of = openai.choice_params(job.params, prompts, n)
+    params, prompt_of = admission.choice_params(job.params, prompts, n)
     jobs = admission.siblings(admitted, list(params))
     return await respond_choices(request, jobs, openai.OpenAIChoices([a.job for a in jobs], prompt_of,
                                                                      usage_chunk=usage))
