@@ -68,6 +68,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-quiet-wait", type=float,
                    help="side by side with llama-server: before each run, wait up to this many seconds for other "
                         "processes to leave the CPU (default 120, quick 10)")
+    p.add_argument("--choices-n", type=int, help="several completions of one prompt: n_cmpl (default 4)")
+    p.add_argument("--choices-prompt-tokens", type=int,
+                   help="several completions of one prompt: the prompt's length in tokens (default 900)")
+    p.add_argument("--choices-tokens", type=int, help="several completions of one prompt: n_predict (default 32)")
     p.add_argument("--llama-server", help="side by side with llama-server: its binary (default: $LLAMA_SERVER, then "
                                           "what `make llama-server` built, then PATH)")
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default=event_loop.name(),
@@ -102,7 +106,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
                        ("server_threads", "server_threads"), ("server_quiet_wait", "server_quiet_wait"),
                        ("llama_server", "llama_server"), ("routing_conversations", "routing_conversations"),
                        ("routing_rounds", "routing_rounds"), ("routing_slots", "routing_slots"),
-                       ("routing_cache_sequences", "routing_cache_sequences")):
+                       ("routing_cache_sequences", "routing_cache_sequences"), ("choices_n", "choices_n"),
+                       ("choices_prompt_tokens", "choices_prompt_tokens"), ("choices_tokens", "choices_tokens")):
         if getattr(args, arg) is not None:
             setattr(s, field, getattr(args, arg))
     s.floor = not args.no_floor

@@ -69,6 +69,12 @@ class Settings:
     server_quiet_wait: float = 120.0  # before each run, wait up to this long for other processes to go quiet
     server_max_foreign: float = 0.1  # a run during which other processes used more of the CPU is measured again
     server_attempts: int = 3  # ... at most this many times (the last is kept, marked noisy)
+    # several completions of one long prompt, side by side with llama-server (bench/choices.py)
+    choices_n: int = 4  # n_cmpl: completions per request (and sequences per system)
+    choices_prompt_tokens: int = 900
+    choices_tokens: int = 32  # n_predict of each completion
+    choices_n_ctx: int = 1024  # context per sequence
+    choices_rounds: int = 3
     llama_server: str | None = None  # the binary (default: LLAMA_SERVER, then make llama-server's, then PATH)
     loop: str = "uvloop"  # the router's and workers' event loop (VELESIO_LOOP): uvloop or asyncio
     profile: bool = False  # py-spy the router during scenarios 1 and 2
@@ -81,7 +87,7 @@ class Settings:
                    scaling_workers=(1, 2, 4), scaling_delay_ms=50, idle_streams=200, two_requests=16, two_idle=3,
                    two_deadline_s=20.0, routing_rounds=1, routing_conversations=8, routing_turns=3, fair_flood=40,
                    fair_b_requests=3, server_concurrencies=(1, 4), server_duration=4.0,
-                   server_warmup=1.0, server_rounds=1, server_quiet_wait=10.0, **kw)
+                   server_warmup=1.0, server_rounds=1, server_quiet_wait=10.0, choices_rounds=1, **kw)
 
 
 Log = Callable[[str], None]

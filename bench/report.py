@@ -107,6 +107,19 @@ def checks(results: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     return out
 
 
+def choices_table(c: dict[str, Any]) -> list[str]:
+    """Section 11: several completions of one prompt (bench/choices.py)."""
+    if c.get("skipped"):
+        return [f"**11. Several completions of one prompt** — skipped: {c['skipped']}", ""]
+    lines = [f"**11. Several completions of one prompt** — one `/completion` with `n_cmpl` {c['n']} of a prompt of "
+             f"about {c['prompt_tokens']} tokens (new each round), {c['n_predict']} tokens each, {c['threads']} "
+             f"threads, {c['n']} sequences of {c['n_ctx']}; medians of {c['rounds']} round(s), ÷ llama-server: the "
+             "median of each round's own ratio; prompt tokens evaluated: `timings.prompt_n` over the choices.", ""]
+    return lines + _table(["system", "request ms", "time ÷ llama-server's", "prompt tokens evaluated"],
+                          [[r["system"], _f(r["ms_p50"]), _f(r["ratio"], 2),
+                            _f(r["prompt_tokens_evaluated"])] for r in c["rows"]]) + [""]
+
+
 def server_table(p: dict[str, Any]) -> list[str]:
     """Section 9: the mesh side by side with llama.cpp's llama-server (bench/peer.py)."""
     if "skipped" in p:
@@ -267,6 +280,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines += _table(["cold TTFT p50 ms", "second turn TTFT p50 ms", "from the cache", "ratio"],
                         [[_f(f["cold_ttft_p50_ms"]), _f(f["second_ttft_p50_ms"]), _f(f["cache_n_p50"]),
                           _f(f["ratio"], 3)]]) + [""]
+    if "choices" in sc:
+        lines += choices_table(sc["choices"])
     ck = checks(results)
     if ck:
         lines += ["**Targets** (for a 2-core machine)", ""]

