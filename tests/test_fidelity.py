@@ -59,6 +59,22 @@ def test_the_catch_all_alias(start_router, start_worker):
     assert r.status_code in (404, 503), r.text
 
 
+def test_context_shift_goes_on_past_the_context(start_router, start_worker):
+    """A model with options.context_shift generates past its context as llama.cpp's --context-shift does
+    (llama.cpp's test_ctx_shift_enabled): n_predict tokens, truncated true, n_keep echoed."""
+    router = start_router()
+    start_worker(router, "fidelity-shift", [{**SMOLLM2, "options": {"n_ctx": 256, "n_threads": 1,
+                                                                     "context_shift": True}}])
+    r = router.post("/completion", {"prompt": "Once upon a time", "n_predict": 300, "ignore_eos": True,
+                                    "n_keep": -1, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["timings"]["predicted_n"] == 300 and body["truncated"] is True and body["stop_type"] == "limit"
+    assert body["generation_settings"]["n_keep"] == -1
+    short = router.post("/completion", {"prompt": "Once upon a time", "n_predict": 8, "ignore_eos": True}).json()
+    assert short["truncated"] is False
+
+
 def test_alias_resolution_rules():
     live = {"m": {"operations": ["completion", "chat"]}, "img": {"operations": ["txt2img"]}}
     table = {"gpt-4": "m", "*": "m"}

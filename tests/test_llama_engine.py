@@ -254,6 +254,29 @@ def test_a_prompt_longer_than_the_context_is_refused(engine):
 
 
 # ---- cancel and errors ---------------------------------------------------------------------------
+def test_context_shift_goes_on_past_the_context(llm):
+    """options.context_shift: a generation that fills its sequence drops half of what follows the kept
+    prompt tokens and goes on (truncated), as llama.cpp's --context-shift. The shifted cache (the kept prompt,
+    then what followed the dropped tokens, moved back) predicts what a fresh evaluation of the same tokens
+    does. Without it the generation ends at the end of the context."""
+    with Engine(llm, n_ctx=64, n_seq=2, n_batch=64, n_threads=THREADS, flash_attn=False, context_shift=True) as eng:
+        assert eng.context_shift
+        prompt = eng.tokenize(CHAT.format("Tell me a long story about a dragon and a knight."))
+        past = eng.n_ctx + 40  # llama.cpp rounds a small context up (to 256)
+        sink = Pieces()
+        gen = eng.submit(prompt, greedy(max_tokens=past, ignore_eos=True, n_keep=-1), on_piece=sink)
+        result = gen.result(WAIT)
+        assert result.completion_tokens == past and result.truncated and result.finish_reason == "length"
+        cache = list(eng._slots[gen.seq_id].tokens)
+        assert cache[:len(prompt)] == prompt and len(prompt) < len(cache) < eng.n_ctx
+        fresh = Pieces()
+        eng.submit(cache, greedy(max_tokens=1, ignore_eos=True, cache_prompt=False), on_piece=fresh).result(WAIT)
+        assert fresh.tokens == sink.tokens[-1:]
+    with Engine(llm, n_ctx=64, n_seq=1, n_batch=64, n_threads=THREADS, flash_attn=False) as eng:
+        result = eng.submit(prompt, greedy(max_tokens=past, ignore_eos=True)).result(WAIT)
+        assert result.completion_tokens == eng.n_ctx - len(prompt) and result.truncated  # the end of its context
+
+
 def test_cancel_mid_generation_frees_the_sequence(model_path):
     with Engine(model_path, n_ctx=512, n_seq=1, n_batch=64, n_threads=THREADS) as eng:
         sink = Pieces(3)

@@ -30,6 +30,7 @@ Flags that change the mesh:
   --batch-size B      options.n_batch
   --threads T         options.n_threads
   --n-gpu-layers N    options.n_gpu_layers
+  --context-shift     options.context_shift
   --cors-origins O    router.cors_origins (comma-separated)
   --model F           serve the GGUF file F when it exists (else SmolLM2)
   --verbose           DEBUG logs for router and worker
@@ -43,7 +44,7 @@ sent at once (``partial_window_ms`` 0, one token per event as llama-server).
 Read and reported on stderr, with no effect (the mesh has no such setting): --n-predict (no server-wide
 default for n_predict: requests without one generate until end of text or context), --seed and --temp (no
 server-wide sampling defaults), --chat-template/--chat-template-file (the GGUF's own template is used),
---jinja/--no-jinja (always the GGUF's Jinja template), --context-shift, --pooling, --slots/--no-slots
+--jinja/--no-jinja (always the GGUF's Jinja template), --pooling, --slots/--no-slots
 (/slots is always on), --metrics (/metrics is always on, Prometheus format with a token), --embedding and
 --reranking (the embedded model serves embeddings and completions alike).
 
@@ -210,6 +211,8 @@ def mesh_config(settings: Settings, mesh_addr: str) -> tuple[dict, list[str]]:
     threads = _int(settings, "threads")
     if threads and threads > 0:
         options["n_threads"] = threads
+    if "context_shift" in settings.switches:
+        options["context_shift"] = True
     gpu_layers = _int(settings, "n_gpu_layers")
     if gpu_layers is not None:
         options["n_gpu_layers"] = gpu_layers
@@ -245,8 +248,7 @@ def mesh_config(settings: Settings, mesh_addr: str) -> tuple[dict, list[str]]:
                       ("pooling", "--pooling: embeddings are pooled as the model says")):
         if settings.get(key) is not None:
             notes.append(f"{what} (ignored: {settings.get(key)})")
-    for switch, what in (("context_shift", "--context-shift: no context shift"),
-                         ("reranking", "--reranking: no /rerank"),
+    for switch, what in (("reranking", "--reranking: no /rerank"),
                          ("slots", "--slots: /slots is always on"),
                          ("metrics", "--metrics: /metrics is always on (Prometheus, token required)")):
         if switch in settings.switches:

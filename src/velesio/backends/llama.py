@@ -137,6 +137,10 @@ class LlamaCppBackend(Backend):
         n_ctx, n_batch = int(opts.get("n_ctx", 2048)), int(opts.get("n_batch", 512))
         n_gpu_layers = int(opts.get("n_gpu_layers", -1))
         verbose = bool(opts.get("verbose", False))
+        context_shift = opts.get("context_shift", False)
+        if not isinstance(context_shift, bool) or (context_shift and engine != "batched"):
+            raise ValueError(f"options.context_shift of model {self.config.name}: true or false, and true only "
+                             f"with engine: batched, not {context_shift!r}")
         slots = max(1, self.config.slots)
         self._vocab = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=verbose)
         vocab = self._vocab
@@ -157,7 +161,8 @@ class LlamaCppBackend(Backend):
                                   n_batch=max(n_batch, slots), n_threads=n_threads,
                                   n_threads_batch=n_threads_batch,
                                   n_gpu_layers=0x7FFFFFFF if n_gpu_layers < 0 else n_gpu_layers,
-                                  flash_attn=None if flash is None else bool(flash), verbose=verbose)
+                                  flash_attn=None if flash is None else bool(flash), context_shift=context_shift,
+                                  verbose=verbose)
             self.n_ctx = self._engine.n_ctx
         else:
             from velesio.backends.llama_contexts import ContextPool

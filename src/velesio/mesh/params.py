@@ -84,6 +84,9 @@ class TextParams:
     json_schema: dict[str, Any] | None = None
     cache_prompt: bool = True  # reuse the KV cache of a common prompt prefix (a fixed seed is reproducible
     #                            only without it)
+    # Context shift (a llama-cpp model with options.context_shift): when a generation fills the context, the
+    # first n_keep prompt tokens stay (-1: the whole prompt) and half of what follows them is dropped
+    n_keep: int = 0
     # Token log-probabilities: None none; n >= 0 each generated token's and its n most likely alternatives'
     # (at most MAX_PROBS). Before the sampler chain (the model's distribution, as llama.cpp's n_probs), or
     # after it with post_sampling_probs (what the chain left, renormalised).
@@ -178,17 +181,18 @@ class TextResult:
     # "top": [{"id", "token", "bytes", "logprob"}, ... most likely first]} (docs/plugins.md, "Results")
     probs: list[dict[str, Any]] = _list()
     seed: int | None = None  # the seed sampling used
+    truncated: bool = False  # the context filled up: generation stopped there, or went on after a context shift
     prompt_ms: float = 0.0
     predicted_ms: float = 0.0
 
     @classmethod
     def timed(cls, *, text: str, finish_reason: str, stop_type: str, prompt_tokens: int, completion_tokens: int,
               prompt_ms: float, predicted_ms: float, stopping_word: str = "", seed: int | None = None,
-              tokens_cached: int = 0) -> TextResult:
+              tokens_cached: int = 0, truncated: bool = False) -> TextResult:
         """A result with its timings rounded to microseconds."""
         return cls(text=text, finish_reason=finish_reason, stop_type=stop_type, stopping_word=stopping_word,
                    prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, tokens_cached=tokens_cached,
-                   seed=seed, prompt_ms=round(prompt_ms, 3), predicted_ms=round(predicted_ms, 3))
+                   seed=seed, truncated=truncated, prompt_ms=round(prompt_ms, 3), predicted_ms=round(predicted_ms, 3))
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -60,7 +60,11 @@ whole prompt.
 
 Limits: a prompt of ``n_ctx`` tokens or more raises ``ContextExceeded`` at submit; a generation stops with
 finish "length" (stop_type "limit") at ``max_tokens`` or where the sequence's context is full
-(``max_tokens`` -1: only there); ``max_tokens`` 0 evaluates the prompt (into the cache) and samples nothing.
+(``max_tokens`` -1: only there; ``TextResult.truncated``). With ``context_shift`` the context does not end
+it: the sequence keeps the first ``params.n_keep`` tokens, drops half of the rest
+(``llama_memory_seq_rm``), moves what follows back (``llama_memory_seq_add``) and goes on, as llama.cpp's
+server; ``max_tokens`` -1 then means at most ``MAX_TOKENS``. ``max_tokens`` 0 evaluates the prompt (into
+the cache) and samples nothing.
 ``completion_tokens`` counts the tokens of the reply: the end-of-generation token that ended it is not one
 (what llama-cpp-python and OpenAI count; llama.cpp's server counts it too). ``tokens_cached`` in the result
 is the prompt tokens the prefix cache supplied.

@@ -22,7 +22,7 @@ from velesio.backends.grammar_guard import guard_for
 from velesio.backends.llama_engine.cache import MIN_COPY, Slot, common_prefix, pick_donor, pick_slot
 from velesio.backends.llama_engine.jobs import EngineClosed, Generation, OnPiece, Run
 from velesio.backends.llama_engine.sampling import PieceDecoder, Sampler
-from velesio.mesh.params import LOGPROB_FLOOR, TextParams, TextResult
+from velesio.mesh.params import LOGPROB_FLOOR, MAX_TOKENS, TextParams, TextResult
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,15 @@ class Engine:
     (one per generating sequence, the rest prompt chunks); it must be at least ``n_running``.
     ``flash_attn`` None lets llama.cpp decide (it turns it on where the device supports it, CPU included);
     ``llama_cpp.Llama`` turns it off unless asked, and the last bits of the logits differ between the two,
-    so pass False to reproduce a ``Llama``'s greedy text exactly."""
+    so pass False to reproduce a ``Llama``'s greedy text exactly. ``context_shift``: a generation that fills
+    its sequence's context drops old tokens and goes on (llama.cpp's ``--context-shift``) instead of ending
+    there; ignored, with a warning, where the memory cannot shift (``context_shift`` then reads False)."""
 
     def __init__(self, model: str | os.PathLike[str] | Any, *, n_ctx: int = 2048, n_seq: int = 4,
                  n_running: int | None = None, n_batch: int = 512, n_threads: int | None = None,
                  n_threads_batch: int | None = None,
-                 n_gpu_layers: int = 0, flash_attn: bool | None = None, verbose: bool = False):
+                 n_gpu_layers: int = 0, flash_attn: bool | None = None, context_shift: bool = False,
+                 verbose: bool = False):
         global _backend_ready
         if n_seq < 1 or n_seq > llama_cpp.llama_max_parallel_sequences():
             raise ValueError(f"n_seq must be between 1 and {llama_cpp.llama_max_parallel_sequences()}")
@@ -105,6 +108,10 @@ class Engine:
         self._pieces: dict[int, bytes] = {}  # token -> its bytes with special tokens rendered (probabilities)
         self._special_pieces = PieceDecoder(self.vocab, special=True)
         self._mem = llama_cpp.llama_get_memory(self.ctx)
+        self.context_shift = bool(context_shift) and bool(llama_cpp.llama_memory_can_shift(self._mem))
+        if context_shift and not self.context_shift:
+            log.warning("context_shift is not supported by this model's memory: generations end at the context")
+        self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self._model_lock = threading.Lock()  # tokenize, grammars (other threads) against freeing the model
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._b_token = np.ctypeslib.as_array(self._batch.token, shape=(n_batch,))
@@ -146,7 +153,10 @@ class Engine:
             raise ContextExceeded(f"the prompt is {len(prompt)} tokens; a sequence has a context of "
                                   f"{self.n_ctx} tokens")
         room = self.n_ctx - len(prompt)
-        limit = room if params.max_tokens < 0 else min(int(params.max_tokens), room)
+        if self.context_shift:  # the context never ends the generation; MAX_TOKENS bounds "until the end"
+            limit = MAX_TOKENS if params.max_tokens < 0 else int(params.max_tokens)
+        else:
+            limit = room if params.max_tokens < 0 else min(int(params.max_tokens), room)
         seed = params.seed if params.seed is not None and params.seed >= 0 else random.getrandbits(31)
         guard = None
         if params.grammar or params.json_schema:
@@ -426,8 +436,11 @@ class Engine:
         started, up to n_batch tokens. Returns (run, tokens it added, its output row or -1)."""
         self._batch.n_tokens = 0
         added: list[tuple[Run, int, int]] = []
-        for run in self._runs:
+        for run in list(self._runs):
             if run.pending is not None:
+                if run.n_past >= self.n_ctx and not self._shift(run):
+                    self._finish(run, "length", "limit")
+                    continue
                 added.append((run, 1, self._add(run.pending, run.n_past, run.slot.seq_id, True)))
         for run in self._runs:
             room = self.n_batch - self._batch.n_tokens
@@ -444,6 +457,25 @@ class Engine:
                 out = i if last else out
             added.append((run, n, out))
         return added
+
+    def _shift(self, run: Run) -> bool:
+        """llama.cpp's context shift for a run whose context is full: keep the first ``n_keep`` tokens (the
+        prompt's, -1 all of it; its BOS besides), drop half of the rest and move what follows back. False when
+        nothing can be dropped."""
+        n_keep = run.gen.params.n_keep
+        n_keep = len(run.gen.prompt_tokens) if n_keep < 0 else n_keep + int(self._add_bos)
+        n_keep = min(self.n_ctx - 4, n_keep)
+        n_left = run.n_past - n_keep
+        n_discard = min(n_left // 2, n_left - 1)
+        if n_discard <= 0:
+            return False
+        seq = run.slot.seq_id
+        llama_cpp.llama_memory_seq_rm(self._mem, seq, n_keep, n_keep + n_discard)
+        llama_cpp.llama_memory_seq_add(self._mem, seq, n_keep + n_discard, run.n_past, -n_discard)
+        run.slot.tokens = run.slot.tokens[:n_keep] + run.slot.tokens[n_keep + n_discard:]
+        run.n_past -= n_discard
+        run.truncated = True
+        return True
 
     def _advance(self, run: Run, row: int) -> None:
         """Sample the run's next token from ``row`` and deliver what it adds to the text."""
@@ -536,7 +568,8 @@ class Engine:
             text="".join(run.parts), finish_reason=finish, stop_type=stop_type,
             stopping_word=run.matcher.stopped or "", prompt_tokens=len(run.gen.prompt_tokens),
             completion_tokens=run.n_sampled, seed=run.gen.seed, prompt_ms=(first - run.t_start) * 1000,
-            predicted_ms=(end - first) * 1000, tokens_cached=run.gen.tokens_cached)
+            predicted_ms=(end - first) * 1000, tokens_cached=run.gen.tokens_cached,
+            truncated=run.truncated or (stop_type == "limit" and run.n_past + 1 >= self.n_ctx))
         self._end(run, result=result)
 
     def _end(self, run: Run, result: TextResult | None = None, error: BaseException | None = None) -> None:

@@ -104,6 +104,7 @@ class Run:
         # (a job evaluating the same prompt, how many of its tokens to copy once they are in its cache)
         self.donor: tuple[Run, int] | None = None
         self.n_sampled = 0
+        self.truncated = False  # the context was shifted (or filled up)
         self.decoder = PieceDecoder(vocab)
         self.matcher = StopMatcher([*gen.params.stop, *gen._stops])
         self.parts: list[str] = []

@@ -15,7 +15,9 @@ token-array prompt is answered here, in llama.cpp's shapes:
   its ``index`` (prompt by prompt, its completions in turn), as llama.cpp answers;
 - ``cache_prompt`` (default true) as llama.cpp: false evaluates the whole prompt afresh (a fixed seed then
   reproduces exactly; a prefix from the cache can change the logits' last bits);
-- fields that change nothing here are accepted and ignored: ``id_slot``, ``n_keep``,
+- ``n_keep`` (-1: the whole prompt) is what a context shift keeps, on a model with
+  ``options.context_shift``;
+- fields that change nothing here are accepted and ignored: ``id_slot``,
   ``tfs_z``, ``penalize_nl``, ``penalty_prompt``, ``messages``, ``dry_*``, ``xtc_*``, ``dynatemp_*``,
   ``samplers``, ``n_indent``, ``lora`` ...; ``logit_bias`` (list or object form, ``false`` bans) is
   honoured; each stream event carries its piece's token ids in ``tokens``, and ``return_tokens`` puts
@@ -215,7 +217,8 @@ def parse(body: dict[str, Any], prompt: str | None = None) -> Job:
                               "json_schema": schema if isinstance(schema, dict) else None,
                               "logit_bias": get_logit_bias(body), "logprobs": n_probs or None,
                               "post_sampling_probs": get_bool(body, "post_sampling_probs"),
-                              "cache_prompt": get_bool(body, "cache_prompt", True)}
+                              "cache_prompt": get_bool(body, "cache_prompt", True),
+                              "n_keep": get_int(body, "n_keep", 0, lo=-1, hi=MAX_TOKENS)}
     for name, value in body.items():  # a request names a few of the sampling fields; the others keep defaults
         read = SAMPLING.get(name)
         if read is not None and value is not None:
@@ -296,7 +299,7 @@ def generation_settings(params: TextParams, n_ctx: int, model: str, *, seed: int
         "adaptive_decay": 0.9,
         "stop": list(params.stop),
         "max_tokens": params.max_tokens,
-        "n_keep": 0,
+        "n_keep": params.n_keep,
         "n_discard": 0,
         "min_keep": 0,
         "ignore_eos": params.ignore_eos,
@@ -371,8 +374,10 @@ class LlamaCppText:
                                                        stream=self.job.stream, eog=self.eog),
             "prompt": self.params.prompt,
             "has_new_line": "\n" in text,
-            # llama.cpp's: the prompt and the reply filled the sequence's context (generation stopped there)
-            "truncated": bool(self.n_ctx) and stop_type == "limit" and prompt_n + predicted_n >= self.n_ctx,
+            # llama.cpp's: the prompt and the reply filled the sequence's context (generation stopped there, or
+            # went on after a context shift)
+            "truncated": result.truncated or (bool(self.n_ctx) and stop_type == "limit"
+                                              and prompt_n + predicted_n >= self.n_ctx),
             "stop_type": stop_type,
             "stopping_word": result.stopping_word,
             "tokens_cached": prompt_n + predicted_n,
