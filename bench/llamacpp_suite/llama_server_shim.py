@@ -31,6 +31,8 @@ Flags that change the mesh:
   --threads T         options.n_threads
   --n-gpu-layers N    options.n_gpu_layers
   --context-shift     options.context_shift
+  --chat-template T   options.chat_template (a built-in name or Jinja source)
+  --chat-template-file F  options.chat_template_file
   --cors-origins O    router.cors_origins (comma-separated)
   --model F           serve the GGUF file F when it exists (else SmolLM2)
   --verbose           DEBUG logs for router and worker
@@ -43,8 +45,8 @@ sent at once (``partial_window_ms`` 0, one token per event as llama-server).
 
 Read and reported on stderr, with no effect (the mesh has no such setting): --n-predict (no server-wide
 default for n_predict: requests without one generate until end of text or context), --seed and --temp (no
-server-wide sampling defaults), --chat-template/--chat-template-file (the GGUF's own template is used),
---jinja/--no-jinja (always the GGUF's Jinja template), --pooling, --slots/--no-slots
+server-wide sampling defaults), --jinja/--no-jinja (a Jinja template, the GGUF's or
+--chat-template-file's, renders through Jinja always), --pooling, --slots/--no-slots
 (/slots is always on), --metrics (/metrics is always on, Prometheus format with a token), --embedding and
 --reranking (the embedded model serves embeddings and completions alike).
 
@@ -88,7 +90,7 @@ VALUE_FLAGS: dict[str, str] = {
     "--n-gpu-layers": "n_gpu_layers", "-ngl": "n_gpu_layers", "--gpu-layers": "n_gpu_layers",
     "--cors-origins": "cors_origins", "--model": "model", "-m": "model", "--n-predict": "n_predict",
     "-n": "n_predict", "--seed": "seed", "-s": "seed", "--temp": "temp", "--chat-template": "chat_template",
-    "--chat-template-file": "chat_template", "--pooling": "pooling",
+    "--chat-template-file": "chat_template_file", "--pooling": "pooling",
     # skipped with their value
     "--hf-repo": "", "-hf": "", "-hfr": "", "--hf-file": "", "-hff": "", "--model-url": "", "-mu": "",
     "--model-draft": "", "-md": "", "--models-dir": "", "--models-max": "", "--models-preset": "", "--tags": "",
@@ -211,6 +213,10 @@ def mesh_config(settings: Settings, mesh_addr: str) -> tuple[dict, list[str]]:
     threads = _int(settings, "threads")
     if threads and threads > 0:
         options["n_threads"] = threads
+    if settings.get("chat_template") is not None:
+        options["chat_template"] = settings.get("chat_template")
+    if settings.get("chat_template_file") is not None:
+        options["chat_template_file"] = os.path.abspath(str(settings.get("chat_template_file")))
     if "context_shift" in settings.switches:
         options["context_shift"] = True
     gpu_layers = _int(settings, "n_gpu_layers")
@@ -244,7 +250,6 @@ def mesh_config(settings: Settings, mesh_addr: str) -> tuple[dict, list[str]]:
     for key, what in (("n_predict", "--n-predict: the router has no server-wide default n_predict"),
                       ("seed", "--seed: the router has no server-wide default seed"),
                       ("temp", "--temp: the router has no server-wide default temperature"),
-                      ("chat_template", "--chat-template: the GGUF's own template is used"),
                       ("pooling", "--pooling: embeddings are pooled as the model says")):
         if settings.get(key) is not None:
             notes.append(f"{what} (ignored: {settings.get(key)})")

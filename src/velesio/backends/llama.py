@@ -73,6 +73,9 @@ class LlamaCppBackend(Backend):
         self._contexts: Any = None  # one context per slot (llama_contexts.ContextPool, options.engine: contexts)
         self._embedder: Any = None  # a context of its own for embeddings (options.embeddings)
         self._embed_lock = threading.Lock()
+        self._formatter: Any = None  # the chat template (Jinja), with the assistant's turn opening, and
+        self._formatter_no_prompt: Any = None  # without it; or
+        self._builtin: Any = None  # llama.cpp's built-in template (options.chat_template), or none of the three
 
     def _thread_counts(self) -> tuple[int, int]:
         """(n_threads, n_threads_batch): what the options fix, else the worker's share, else every core
@@ -124,6 +127,8 @@ class LlamaCppBackend(Backend):
         import llama_cpp
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+        from velesio.backends.chat_templates import SAMPLE_CHAT, BuiltinTemplate, builtin_names, template_option
+
         opts = self.config.options
         path = self.config.path
         if not path or not os.path.isfile(path):
@@ -131,6 +136,7 @@ class LlamaCppBackend(Backend):
         engine = str(opts.get("engine", "batched"))
         if engine not in ("batched", "contexts"):
             raise ValueError(f"options.engine of model {self.config.name}: 'batched' or 'contexts', not {engine!r}")
+        template = template_option(opts, self.config.name)  # checked before the model loads
         self._fixed = (_option_threads(opts, "n_threads"), _option_threads(opts, "n_threads_batch"))
         with self._threads_lock:
             n_threads, n_threads_batch = self._thread_counts()
@@ -176,9 +182,12 @@ class LlamaCppBackend(Backend):
             self.n_threads, self.n_threads_batch = n_threads, n_threads_batch
             self._apply_threads()  # a set_threads that came while the model was loading
         meta = vocab.metadata or {}
-        self.chat_template = meta.get("tokenizer.chat_template")
-        self._formatter = self._formatter_no_prompt = None
-        if self.chat_template:
+        # options.chat_template / chat_template_file replace the GGUF's template (backends/chat_templates.py)
+        self.chat_template = template or meta.get("tokenizer.chat_template")
+        self._formatter = self._formatter_no_prompt = self._builtin = None
+        if self.chat_template and self.chat_template in builtin_names():
+            self._builtin = BuiltinTemplate(self.chat_template)
+        elif self.chat_template:
             eos = vocab.detokenize([vocab.token_eos()], special=True).decode(errors="ignore")
             bos = vocab.detokenize([vocab.token_bos()], special=True).decode(errors="ignore")
             self._formatter = Jinja2ChatFormatter(self.chat_template, eos_token=eos, bos_token=bos,
@@ -190,7 +199,9 @@ class LlamaCppBackend(Backend):
         ops = [op for op in self.operations if op != "embeddings" or self._embedder is not None]
         n_ctx_train = meta.get(f"{meta.get('general.architecture', '')}.context_length") or 0
         return {"n_ctx": self.n_ctx, "n_ctx_train": int(n_ctx_train), "n_vocab": vocab.n_vocab(),
-                "template": template_name(self.chat_template), "chat_template": self.chat_template or "",
+                # LLM for Unity's name of the template (a built-in one recognised by what it renders)
+                "template": template_name(self._builtin.render(SAMPLE_CHAT) if self._builtin else self.chat_template),
+                "chat_template": self.chat_template or "",
                 "size": meta.get("general.size_label", ""), "type": "chat" if self.chat_template else "completion",
                 "model_path": path, "operations": ops, "engine": engine, "device": "cuda" if n_gpu_layers and
                 llama_cpp.llama_supports_gpu_offload() else "cpu",
@@ -224,6 +235,11 @@ class LlamaCppBackend(Backend):
         if continue_final and len(messages) > 1 and messages[-1].get("role") == "assistant":
             prompt, stops = self._render_chat(messages[:-1])
             return prompt + str(messages[-1].get("content") or ""), stops
+        if self._builtin is not None:
+            try:
+                return self._builtin.render(messages, add_generation_prompt), []
+            except ValueError as exc:
+                raise InvalidRequest(f"messages: {exc}") from None
         if self._formatter is None:
             prompt, stops = render_plain_chat(messages)
             if not add_generation_prompt and prompt.endswith("assistant:"):
