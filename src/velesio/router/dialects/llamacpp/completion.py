@@ -37,6 +37,7 @@ from typing import Any
 from velesio.mesh.jobs import Job
 from velesio.mesh.params import MAX_PROBS, MAX_TOKENS, TextParams, TextResult
 
+from ...admission import MAX_CHOICES
 from ...errors import ApiError, invalid
 from ...validation import (
     check_grammar,
@@ -91,7 +92,7 @@ def wants(body: dict[str, Any]) -> bool:
 MAX_TOKEN_ID = 2**31 - 1  # llama.cpp's token ids are int32
 
 
-MAX_PROMPTS = 16  # the most prompts one /completion request may list
+MAX_PROMPTS = MAX_CHOICES  # the most prompts one /completion request may list (each at least one choice)
 
 
 Parts = list[str | list[int]]  # one prompt: text pieces and token-id runs, in order
