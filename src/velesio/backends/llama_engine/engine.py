@@ -356,11 +356,7 @@ class Engine:
 
     def _start(self, gen: Generation, slot: Slot, keep: int) -> None:
         if keep < len(slot.tokens):
-            if not llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1):
-                # This memory cannot drop part of a sequence (a recurrent model): start it afresh.
-                self._can_trim = False
-                llama_cpp.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
-                keep = 0
+            keep = self._trim(slot.seq_id, keep)
             slot.tokens = slot.tokens[:keep]
         seed = gen.seed % 0xFFFFFFFF  # 32 bits, never llama.cpp's "random" value 0xFFFFFFFF
         sampler = Sampler(gen.params, n_vocab=self.n_vocab, n_ctx=self.n_ctx, seed=seed, eog=self.eog,
@@ -378,6 +374,15 @@ class Engine:
             self._find_donor(run)
         self._runs.append(run)
         gen._started.set()
+
+    def _trim(self, seq: int, keep: int) -> int:
+        """Drop sequence ``seq``'s KV from position ``keep`` on; returns how much it keeps: ``keep``, or 0 where
+        the memory cannot drop part of a sequence (a recurrent model's), which then empties it."""
+        if llama_cpp.llama_memory_seq_rm(self._mem, seq, keep, -1):
+            return keep
+        self._can_trim = False
+        llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        return 0
 
     # ---- prefixes copied between sequences ----------------------------------------------------
     def _find_donor(self, run: Run) -> None:
@@ -414,10 +419,7 @@ class Engine:
         """Make the run's sequence hold the first ``n`` tokens of ``donor``'s (what it held is replaced)."""
         seq = run.slot.seq_id
         llama_cpp.llama_memory_seq_cp(self._mem, donor.seq_id, seq, -1, -1)  # across streams: the whole stream
-        if not llama_cpp.llama_memory_seq_rm(self._mem, seq, n, -1):
-            self._can_trim = False
-            llama_cpp.llama_memory_seq_rm(self._mem, seq, -1, -1)
-            n = 0
+        n = self._trim(seq, n)
         run.slot.tokens = donor.tokens[:n]
         run.n_past = n
         run.gen.tokens_cached = n
