@@ -5,6 +5,7 @@ embedded SmolLM2, whose own template is ChatML."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 
@@ -64,6 +65,17 @@ def test_text_that_is_no_builtin_name_is_a_template_as_in_llama_server():
     instance, _ = backend(chat_template="This is not a chat template, it is")  # llama.cpp's own test case
     try:
         assert rendered(instance) == "This is not a chat template, it is"
+    finally:
+        instance.close()
+
+
+def test_jinja_templates_get_todays_date_as_in_llama_server():
+    """llama.cpp gives every Jinja template date_string and datetime (Llama 3's print the date)."""
+    instance, _ = backend(chat_template="{{ date_string }} | {{ datetime }}")
+    try:
+        before = time.strftime("%d %b %Y | %b %d %Y")
+        text = rendered(instance)
+        assert text in {before, time.strftime("%d %b %Y | %b %d %Y")}  # midnight may pass in between
     finally:
         instance.close()
 

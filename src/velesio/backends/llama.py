@@ -27,7 +27,7 @@ from velesio.backends import (
     TokenizeParams,
     TokenizeResult,
 )
-from velesio.backends.textutil import render_plain_chat, template_name
+from velesio.backends.textutil import extra_context, render_plain_chat, template_name
 from velesio.mesh.jobs import Job
 from velesio.worker.cpu import available_cores
 
@@ -249,7 +249,7 @@ class LlamaCppBackend(Backend):
         assert formatter is not None
         try:
             # The router checked them: each a role and a string content, as llama_cpp's message types are.
-            out = formatter(messages=cast("list[ChatCompletionRequestMessage]", messages))
+            out = formatter(messages=cast("list[ChatCompletionRequestMessage]", messages), **extra_context())
         except Exception as exc:  # noqa: BLE001 - a template's raise_exception(), or a Jinja error on odd input
             raise InvalidRequest(f"messages: the model's chat template refused them: {exc}") from None
         stop = out.stop if isinstance(out.stop, list) else [out.stop] if out.stop else []

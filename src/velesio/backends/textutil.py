@@ -1,9 +1,10 @@
 """Helpers for text backends: stop sequences that span token boundaries, the plain chat rendering of a model
-without a chat template, and chat-template names. ``StopMatcher`` and ``render_plain_chat`` are re-exported by
-``velesio.backends`` for plugins."""
+without a chat template, chat-template names, and the context llama.cpp gives Jinja templates.
+``StopMatcher`` and ``render_plain_chat`` are re-exported by ``velesio.backends`` for plugins."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 # A model without a chat template continues after "assistant:"; it has finished its turn where it starts
@@ -96,3 +97,11 @@ def template_name(chat_template: str | None) -> str:
         if chat_template and marker in chat_template:
             return name
     return "chatml"
+
+
+def extra_context() -> dict[str, str]:
+    """What llama.cpp's server gives every Jinja chat template besides the messages: today's date, as
+    ``date_string`` ("02 Dec 2026": Llama 3's templates print it, else their own fixed date) and ``datetime``
+    ("Dec 02 2026": firefunction's)."""
+    now = time.localtime()
+    return {"date_string": time.strftime("%d %b %Y", now), "datetime": time.strftime("%b %d %Y", now)}
