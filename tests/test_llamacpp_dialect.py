@@ -238,3 +238,13 @@ def test_llamacpp_defaults_are_an_overlay_of_the_mesh_defaults():
     assert DEFAULTS and all(name in mesh_defaults and mesh_defaults[name] != value
                             for name, value in DEFAULTS.items())
     assert default_params().max_tokens == -1 and TextParams().max_tokens == 150
+
+
+def test_n_keep_and_cache_prompt_are_read_as_llama_cpp_reads_them():
+    """n_keep is llama.cpp's int32 (any negative: the whole prompt, -1); cache_prompt false reaches the job."""
+    from velesio.router.dialects.llamacpp.completion import parse
+
+    assert parse({"prompt": "x"}).params.n_keep == 0 and parse({"prompt": "x"}).params.cache_prompt
+    assert parse({"prompt": "x", "n_keep": 12}).params.n_keep == 12
+    assert parse({"prompt": "x", "n_keep": -7}).params.n_keep == -1
+    assert not parse({"prompt": "x", "cache_prompt": False}).params.cache_prompt

@@ -219,7 +219,8 @@ def parse(body: dict[str, Any], prompt: str | None = None) -> Job:
                               "logit_bias": get_logit_bias(body), "logprobs": n_probs or None,
                               "post_sampling_probs": get_bool(body, "post_sampling_probs"),
                               "cache_prompt": get_bool(body, "cache_prompt", True),
-                              "n_keep": get_int(body, "n_keep", 0, lo=-1, hi=MAX_TOKENS)}
+                              # llama.cpp's int32: any negative keeps the whole prompt (-1)
+                              "n_keep": max(-1, get_int(body, "n_keep", 0, lo=-(2**31), hi=2**31 - 1))}
     for name, value in body.items():  # a request names a few of the sampling fields; the others keep defaults
         read = SAMPLING.get(name)
         if read is not None and value is not None:
