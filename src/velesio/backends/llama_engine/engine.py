@@ -19,7 +19,7 @@ import numpy as np
 
 from velesio.backends import BackendError, Cancelled, ContextExceeded, InvalidRequest
 from velesio.backends.grammar_guard import guard_for
-from velesio.backends.llama_engine.cache import MIN_COPY, Slot, common_prefix, pick_donor, pick_slot
+from velesio.backends.llama_engine.cache import Slot, pick_donor, pick_slot
 from velesio.backends.llama_engine.jobs import EngineClosed, Generation, OnPiece, Run
 from velesio.backends.llama_engine.sampling import PieceDecoder, Sampler
 from velesio.mesh.params import LOGPROB_FLOOR, MAX_TOKENS, TextParams, TextResult
@@ -410,10 +410,9 @@ class Engine:
             if source in self._runs and source.n_past < wanted:
                 continue
             run.donor = None
-            prompt = run.gen.prompt_tokens
-            n = min(common_prefix(source.slot.tokens, prompt), len(prompt) - 1)
-            if n >= run.n_past + MIN_COPY:
-                self._copy_prefix(run, source.slot, n)
+            found = pick_donor([source.slot], run.slot, run.gen.prompt_tokens, run.n_past, {})
+            if found is not None:
+                self._copy_prefix(run, source.slot, found[1])
 
     def _copy_prefix(self, run: Run, donor: Slot, n: int) -> None:
         """Make the run's sequence hold the first ``n`` tokens of ``donor``'s (what it held is replaced)."""
